@@ -1,0 +1,1 @@
+"""vhost-user devices built on vring."""

@@ -1,0 +1,365 @@
+"""virtio-net over vhost-user: ports, the virtio_net_hdr, mergeable RX buffers, and forwarding.
+
+Each port is one vhost-user socket with ``queues`` queue pairs: vring 2k is RX (device
+writes, frames to the driver), vring 2k+1 is TX (frames from the driver). A *link* moves
+frames from one TX vring to one RX vring (forward), drops them (sink) or generates them
+(source). A frame whose destination has no front-end, no room or no ready ring is dropped
+and counted: one side never stalls the other.
+
+The whole data plane is ``net_loop``: one nogil numba loop over all links that returns
+only when the control plane asks (see vring.dataplane).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from numba import njit
+
+from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep, running
+from vring.device import Device
+from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
+from vring.ordering import copy_bytes
+from vring.protocol import PF, F
+from vring.split import (
+    MAX_SEGS,
+    avail_count,
+    avail_head,
+    call,
+    publish_used,
+    put_used,
+    walk_chain,
+)
+
+log = logging.getLogger(__name__)
+
+MODE_FORWARD, MODE_SINK, MODE_SOURCE = 0, 1, 2
+MODES = ("xconnect", "loopback", "sink", "source")
+MAX_MRG = 64  # RX chains one frame may be merged over
+HDR_LEN_V1 = 12  # virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
+HDR_LEN_LEGACY = 10
+
+NET_FEATURES = (
+    F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_INDIRECT_DESC | F.RING_EVENT_IDX | F.PROTOCOL_FEATURES | F.ANY_LAYOUT
+)
+NET_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
+
+
+@njit(nogil=True, cache=True)
+def _mark_broken(qs, counters, q, code):
+    if not qs[q]["broken"]:
+        qs[q]["broken"] = code
+    counters[q, C_ERRORS] += 1
+
+
+@njit(nogil=True, cache=True)
+def _scatter(c_hva, c_len, d_hva, d_len, nbytes):
+    """Copy nbytes from source pieces to destination pieces (both long enough)."""
+    si = 0
+    so = np.uint64(0)
+    di = 0
+    do = np.uint64(0)
+    while nbytes > 0:
+        k = min(c_len[si] - so, d_len[di] - do, nbytes)
+        copy_bytes(d_hva[di] + do, c_hva[si] + so, k)
+        so += k
+        do += k
+        nbytes -= k
+        if so == c_len[si]:
+            si += 1
+            so = np.uint64(0)
+        if do == d_len[di]:
+            di += 1
+            do = np.uint64(0)
+
+
+@njit(nogil=True, cache=True)
+def _deliver(qs, regions, dst, dstate, s_hva, s_len, ns, src_hdr, flen, sc):
+    """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains.
+
+    dstate: [avail chains, chains popped this batch, used entries this batch].
+    Returns chains used (> 0), 0 for no room / too big (drop), or -BROKEN_* for a bad RX chain.
+    """
+    d_hva, d_len, c_hva, c_len, rx_heads, rx_caps, hdr = sc
+    hl = np.uint64(qs[dst]["hdr_len"])
+    need = hl + flen
+    mrg = qs[dst]["mrg_rxbuf"]
+    nd = 0
+    nch = 0
+    cap = np.uint64(0)
+    while cap < need:
+        if dstate[1] + nch >= dstate[0]:
+            a = avail_count(qs, dst)  # the driver may have posted more since the batch began
+            if a < 0:
+                return a
+            dstate[0] = a
+            if dstate[1] + nch >= a:
+                return 0
+        if nch > 0 and not mrg:
+            return 0  # one buffer per frame without MRG_RXBUF: too big, drop
+        if nch >= MAX_MRG:
+            return 0
+        head = avail_head(qs, dst, dstate[1] + nch)
+        if head < 0:
+            return head
+        nd, ln = walk_chain(qs, dst, regions, head, 1, d_hva, d_len, nd)
+        if nd < 0:
+            return nd
+        rx_heads[nch] = head
+        rx_caps[nch] = ln
+        nch += 1
+        cap += ln
+    # virtio_net_hdr: no offloads negotiated, so flags/gso are zero; num_buffers = chains used
+    hdr[:] = 0
+    hdr[10] = nch & 0xFF
+    hdr[11] = nch >> 8
+    c_hva[0] = np.uint64(hdr.ctypes.data)
+    c_len[0] = hl
+    nc = 1
+    skip = np.uint64(src_hdr)
+    for j in range(ns):
+        ln = s_len[j]
+        if skip >= ln:
+            skip -= ln
+            continue
+        c_hva[nc] = s_hva[j] + skip
+        c_len[nc] = ln - skip
+        skip = np.uint64(0)
+        nc += 1
+    _scatter(c_hva, c_len, d_hva, d_len, need)
+    rem = need
+    for k in range(nch):
+        used = min(rx_caps[k], rem)
+        put_used(qs, dst, dstate[2] + k, rx_heads[k], used)
+        rem -= used
+    return nch
+
+
+@njit(nogil=True, cache=True)
+def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc):
+    """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
+    if not qs[src]["ready"] or qs[src]["broken"]:
+        return 0
+    n = avail_count(qs, src)
+    if n < 0:
+        _mark_broken(qs, counters, src, -n)
+        return 0
+    if n == 0:
+        return 0
+    n = min(n, burst)
+    dst_ok = mode == MODE_FORWARD and dst >= 0 and qs[dst]["ready"] and not qs[dst]["broken"]
+    dstate[0] = 0
+    dstate[1] = 0
+    dstate[2] = 0
+    done = 0
+    hl = np.uint64(qs[src]["hdr_len"])
+    for i in range(n):
+        head = avail_head(qs, src, i)
+        if head < 0:
+            _mark_broken(qs, counters, src, -head)
+            break
+        ns, total = walk_chain(qs, src, regions, head, 0, s_hva, s_len, 0)
+        if ns < 0:
+            _mark_broken(qs, counters, src, -ns)
+            break
+        put_used(qs, src, i, head, 0)
+        done += 1
+        if total < hl:
+            counters[src, C_ERRORS] += 1  # a runt without a full header: nothing to forward
+            continue
+        flen = total - hl
+        counters[src, C_PACKETS] += 1
+        counters[src, C_BYTES] += flen
+        if mode == MODE_SINK:
+            continue
+        if not dst_ok:
+            if dst >= 0:
+                counters[dst, C_DROPS] += 1
+            continue
+        r = _deliver(qs, regions, dst, dstate, s_hva, s_len, ns, hl, flen, sc)
+        if r > 0:
+            dstate[1] += r
+            dstate[2] += r
+            counters[dst, C_PACKETS] += 1
+            counters[dst, C_BYTES] += flen
+        elif r == 0:
+            counters[dst, C_DROPS] += 1
+        else:
+            _mark_broken(qs, counters, dst, -r)
+            dst_ok = False
+    if done > 0:
+        publish_used(qs, src, done, done)
+        call(qs, src, counters, one)
+        counters[src, C_BATCHES] += 1
+    if dstate[1] > 0:
+        publish_used(qs, dst, dstate[1], dstate[2])
+        call(qs, dst, counters, one)
+        counters[dst, C_BATCHES] += 1
+    return done
+
+
+@njit(nogil=True, cache=True)
+def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc):
+    """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
+    if not qs[dst]["ready"] or qs[dst]["broken"]:
+        return 0
+    a = avail_count(qs, dst)
+    if a < 0:
+        _mark_broken(qs, counters, dst, -a)
+        return 0
+    dstate[0] = a
+    dstate[1] = 0
+    dstate[2] = 0
+    s_hva[0] = np.uint64(frame.ctypes.data)
+    s_len[0] = np.uint64(frame.shape[0])
+    flen = np.uint64(frame.shape[0])
+    sent = 0
+    for _ in range(burst):
+        if dstate[1] >= dstate[0]:
+            break
+        if frame.shape[0] >= 46:  # sequence number after the Ethernet + IPv4 + UDP headers
+            seq = counters[dst, C_PACKETS]
+            for b in range(4):
+                frame[42 + b] = (seq >> (8 * b)) & 0xFF
+        r = _deliver(qs, regions, dst, dstate, s_hva, s_len, 1, 0, flen, sc)
+        if r > 0:
+            dstate[1] += r
+            dstate[2] += r
+            counters[dst, C_PACKETS] += 1
+            counters[dst, C_BYTES] += flen
+            sent += 1
+        elif r == 0:
+            counters[dst, C_DROPS] += 1
+            break
+        else:
+            _mark_broken(qs, counters, dst, -r)
+            break
+    if dstate[1] > 0:
+        publish_used(qs, dst, dstate[1], dstate[2])
+        call(qs, dst, counters, one)
+        counters[dst, C_BATCHES] += 1
+    return sent
+
+
+@njit(nogil=True, cache=True)
+def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst):
+    """The net data plane: run every link, round after round, until told to stop."""
+    one = np.ones(1, np.uint64)
+    buf = np.zeros(1, np.uint64)
+    pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
+    s_hva = np.zeros(MAX_SEGS, np.uint64)
+    s_len = np.zeros(MAX_SEGS, np.uint64)
+    dstate = np.zeros(3, np.int64)
+    sc = (
+        np.zeros(MAX_SEGS, np.uint64),
+        np.zeros(MAX_SEGS, np.uint64),
+        np.zeros(MAX_SEGS + 1, np.uint64),
+        np.zeros(MAX_SEGS + 1, np.uint64),
+        np.zeros(MAX_MRG, np.int64),
+        np.zeros(MAX_MRG, np.uint64),
+        np.zeros(16, np.uint8),
+    )
+    idle = 0
+    while running(ctrl):
+        work = 0
+        for li in range(links.shape[0]):
+            src = links[li, 0]
+            dst = links[li, 1]
+            mode = links[li, 2]
+            if mode == MODE_SOURCE:
+                work += _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc)
+            else:
+                work += _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc)
+        ctrl[ROUNDS] += 1
+        if work > 0:
+            ctrl[BUSY_ROUNDS] += 1
+            idle = 0
+        else:
+            idle += 1
+            if ctrl[IDLE_ROUNDS] > 0 and idle >= ctrl[IDLE_ROUNDS]:
+                idle_sleep(ctrl, qs, watch, pollfds, buf)
+                idle = 0
+
+
+def test_frame(size: int) -> np.ndarray:
+    """A broadcast Ethernet/IPv4/UDP frame of ``size`` bytes (the source mode's template)."""
+    size = max(size, 60)
+    f = np.zeros(size, dtype=np.uint8)
+    f[0:6] = 0xFF
+    f[6:12] = (0x02, 0, 0, 0, 0, 0x01)
+    f[12:14] = (0x08, 0x00)
+    ip_len = size - 14
+    f[14:24] = (0x45, 0, ip_len >> 8, ip_len & 0xFF, 0, 0, 0, 0, 64, 17)
+    f[26:34] = (10, 0, 0, 1, 10, 0, 0, 2)
+    f[34:38] = (0x04, 0xD2, 0x16, 0x2E)
+    udp_len = size - 34
+    f[38:40] = (udp_len >> 8, udp_len & 0xFF)
+    return f
+
+
+class NetDevice(Device):
+    """vring net: ``len(sockets)`` ports of ``queues`` queue pairs each, joined by ``mode``."""
+
+    kind = "net"
+
+    def __init__(self, nports: int, mode: str, queues: int = 1, frame_size: int = 64, burst: int = 32,
+                 idle_rounds: int = 20000):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if mode == "xconnect" and nports != 2:
+            raise ValueError("xconnect needs exactly two ports")
+        super().__init__(nports, 2 * queues)
+        self.mode = mode
+        self.queues = queues
+        self.burst = burst
+        self.features = int(NET_FEATURES | (F.NET_MQ if queues > 1 else 0))
+        self.protocol_features = int(NET_PROTOCOL_FEATURES)
+        self.frame = test_frame(frame_size)
+        self.links = self._links()
+        watch = sorted({int(s) for s, _, m in self.links if m != MODE_SOURCE and s >= 0}
+                       | {int(d) for _, d, m in self.links if m == MODE_SOURCE})
+        self.watch = np.array(watch, dtype=np.int64)
+        self.worker = Worker("net", net_loop, self._args, idle_rounds=idle_rounds)
+
+    def _links(self) -> np.ndarray:
+        rx = lambda p, k: self.row(p, 2 * k)  # noqa: E731
+        tx = lambda p, k: self.row(p, 2 * k + 1)  # noqa: E731
+        links = []
+        for k in range(self.queues):
+            for p in range(self.nports):
+                if self.mode == "xconnect":
+                    links.append((tx(p, k), rx(1 - p, k), MODE_FORWARD))
+                elif self.mode == "loopback":
+                    links.append((tx(p, k), rx(p, k), MODE_FORWARD))
+                elif self.mode == "sink":
+                    links.append((tx(p, k), -1, MODE_SINK))
+                else:
+                    links.append((tx(p, k), -1, MODE_SINK))  # drain what the driver sends
+                    links.append((-1, rx(p, k), MODE_SOURCE))
+        return np.array(links, dtype=np.int64).reshape(-1, 3)
+
+    def _args(self) -> tuple:
+        return (self.qstate, self.counters, self.regions, self.links, self.watch, self.frame, self.burst)
+
+    def queue_num(self) -> int:
+        return self.queues  # virtio-net counts queue pairs (as DPDK and QEMU do)
+
+    def setup_queue(self, row: int, features: int) -> None:
+        v1 = features & (F.VERSION_1 | F.NET_MRG_RXBUF)
+        self.qstate[row]["hdr_len"] = HDR_LEN_V1 if v1 else HDR_LEN_LEGACY
+        self.qstate[row]["mrg_rxbuf"] = 1 if features & F.NET_MRG_RXBUF else 0
+
+    def port_counters(self, port: int) -> dict[str, int]:
+        """rx = frames delivered to the driver, tx = frames taken from it, drops = frames lost toward it."""
+        rows = range(self.row(port, 0), self.row(port, self.nvq))
+        c = self.counters
+        rx_rows = [r for r in rows if (r - self.row(port, 0)) % 2 == 0]
+        tx_rows = [r for r in rows if (r - self.row(port, 0)) % 2 == 1]
+        return {
+            "rx_packets": int(sum(c[r, C_PACKETS] for r in rx_rows)),
+            "rx_bytes": int(sum(c[r, C_BYTES] for r in rx_rows)),
+            "rx_dropped": int(sum(c[r, C_DROPS] for r in rx_rows)),
+            "tx_packets": int(sum(c[r, C_PACKETS] for r in tx_rows)),
+            "tx_bytes": int(sum(c[r, C_BYTES] for r in tx_rows)),
+            "errors": int(sum(c[r, C_ERRORS] for r in rows)),
+        }

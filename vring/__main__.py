@@ -1,0 +1,5 @@
+import sys
+
+from vring.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""The data-plane thread: a long-running nogil numba loop that Python only starts, pauses and stops.
+
+A device supplies ``loop(ctrl, *args)``, a jitted function that keeps working until
+``ctrl[CMD]`` stops being RUN and then returns. ``Worker.paused()`` asks it to return, waits
+until it has (the acknowledgement), lets the control plane change rings or memory, and
+starts it again with fresh arguments. While idle the loop can sleep in poll(2) on the
+kick eventfds (adaptive mode), so an idle backend costs no CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from numba import njit
+
+from vring.ordering import fence_seq_cst, load_i64_acquire, sys_poll, sys_read
+from vring.split import avail_count, set_kicks
+
+log = logging.getLogger(__name__)
+
+# control array slots (int64)
+CMD, WAKE_FD, IDLE_ROUNDS, SLEEP_MS, ROUNDS, BUSY_ROUNDS, SLEEPS = range(7)
+CTRL_SIZE = 16
+RUN, PAUSE = 1, 0
+POLLIN = 1
+
+
+@njit(nogil=True, cache=True)
+def running(ctrl):
+    """Whether the control plane still wants the loop to run (an acquire load: never hoisted)."""
+    return load_i64_acquire(np.uint64(ctrl.ctypes.data) + np.uint64(8 * CMD)) == RUN
+
+
+@njit(nogil=True, cache=True)
+def idle_sleep(ctrl, qs, watch, pollfds, buf):
+    """Turn kicks on for the watched queues, re-check them, and sleep in poll(2) until a kick,
+    a control-plane wake-up or the timeout; then turn kicks off again (we are polling)."""
+    for i in range(watch.shape[0]):
+        q = watch[i]
+        if qs[q]["ready"] and not qs[q]["broken"]:
+            set_kicks(qs, q, True)
+    fence_seq_cst()  # kicks-on visible before we re-read the avail indexes (no lost wake-up)
+    pending = not running(ctrl)
+    n = 1
+    pollfds[0, 0] = np.int32(ctrl[WAKE_FD])
+    pollfds[0, 1] = POLLIN
+    for i in range(watch.shape[0]):
+        q = watch[i]
+        if qs[q]["ready"] and not qs[q]["broken"]:
+            if avail_count(qs, q) != 0:
+                pending = True
+            if qs[q]["kick_fd"] >= 0 and n < pollfds.shape[0]:
+                pollfds[n, 0] = qs[q]["kick_fd"]
+                pollfds[n, 1] = POLLIN
+                n += 1
+    if not pending:
+        ctrl[SLEEPS] += 1
+        r = sys_poll(np.uint64(pollfds.ctypes.data), np.uint64(n), np.int32(ctrl[SLEEP_MS]))
+        if r > 0:
+            for k in range(n):
+                if (pollfds[k, 1] >> 16) & POLLIN:  # revents: drain the eventfd counter
+                    sys_read(pollfds[k, 0], np.uint64(buf.ctypes.data), np.uint64(8))
+    for i in range(watch.shape[0]):
+        q = watch[i]
+        if qs[q]["ready"] and not qs[q]["broken"]:
+            set_kicks(qs, q, False)
+
+
+class Worker:
+    """One data-plane thread running ``loop(ctrl, *args_fn())`` with pause/resume."""
+
+    def __init__(self, name: str, loop: Callable, args_fn: Callable[[], tuple], idle_rounds: int = 20000,
+                 sleep_ms: int = 1000):
+        self.name = name
+        self._loop = loop
+        self._args_fn = args_fn
+        self.ctrl = np.zeros(CTRL_SIZE, dtype=np.int64)
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.ctrl[WAKE_FD] = self.wake_fd
+        self.ctrl[IDLE_ROUNDS] = idle_rounds  # 0: busy-poll forever
+        self.ctrl[SLEEP_MS] = sleep_ms
+        self._cv = threading.Condition()
+        self._cmd = "run"
+        self._pauses = 0
+        self._in_loop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _main(self) -> None:
+        while True:
+            with self._cv:
+                while self._cmd != "run":
+                    if self._cmd == "stop":
+                        return
+                    self._cv.wait()
+                self.ctrl[CMD] = RUN
+                self._in_loop = True
+            try:
+                self._loop(self.ctrl, *self._args_fn())
+            except BaseException as e:  # a kernel bug, not guest input: stop this worker loudly
+                log.exception("worker=%s data plane failed", self.name)
+                self.error = e
+                with self._cv:
+                    self._cmd = "stop"
+            finally:
+                with self._cv:
+                    self._in_loop = False
+                    self._cv.notify_all()
+
+    def _interrupt(self) -> None:
+        self.ctrl[CMD] = PAUSE
+        os.eventfd_write(self.wake_fd, 1)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the data plane out of the loop (acknowledged) for the duration of the block."""
+        with self._cv:
+            self._pauses += 1
+            if self._cmd == "run":
+                self._cmd = "pause"
+            self._interrupt()
+            while self._in_loop:
+                self._cv.wait()
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._pauses -= 1
+                if self._pauses == 0 and self._cmd == "pause":
+                    self._cmd = "run"
+                    self._cv.notify_all()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._cmd = "stop"
+            self._interrupt()
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+        os.close(self.wake_fd)
+        self.wake_fd = -1

@@ -1,0 +1,62 @@
+"""What a vhost-user device offers the session: feature sets, per-queue tables, the data plane.
+
+A device owns one set of shared arrays for all its ports (one port = one vhost-user socket):
+``qstate`` (one QSTATE record per vring), ``counters`` (one row per vring) and ``regions``
+(one region table per port). Sessions change them only inside ``paused()``.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from vring.layout import N_COUNTERS, new_qstate
+from vring.memory import MAX_REGIONS, GuestMemory
+
+
+class Device:
+    """Base class: subclasses set the feature masks, the worker, and may override the hooks."""
+
+    kind = "device"
+    features = 0
+    protocol_features = 0
+
+    def __init__(self, nports: int, vrings_per_port: int):
+        self.nports = nports
+        self.nvq = vrings_per_port
+        self.qstate = new_qstate(nports * vrings_per_port)
+        self.counters = np.zeros((nports * vrings_per_port, N_COUNTERS), dtype=np.uint64)
+        self.regions = np.zeros((nports, MAX_REGIONS, 4), dtype=np.uint64)
+        self.memory = [GuestMemory(self.regions[p]) for p in range(nports)]
+        self.worker = None
+
+    def row(self, port: int, index: int) -> int:
+        return port * self.nvq + index
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if self.worker is None:
+            yield
+        else:
+            with self.worker.paused():
+                yield
+
+    # ---- hooks ----
+    def queue_num(self) -> int:
+        """GET_QUEUE_NUM reply."""
+        return self.nvq
+
+    def setup_queue(self, row: int, features: int) -> None:
+        """Device-specific qstate fields when a ring starts."""
+
+    def get_config(self, port: int, offset: int, size: int) -> bytes | None:
+        return None
+
+    def start(self) -> None:
+        if self.worker is not None:
+            self.worker.start()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()

@@ -1,0 +1,82 @@
+"""Split virtqueue layout (virtio 1.x §2.7) as numpy dtypes, and the queue-state record.
+
+The kernels address rings through host addresses with the offsets below; Python code
+(the in-tree front-end, inspection, tests) views the same bytes with the dtypes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# descriptor flags
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+# ring flags
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+
+DESC = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+USED_ELEM = np.dtype([("id", "<u4"), ("len", "<u4")])
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
+MAX_QUEUE_SIZE = 32768
+
+
+def avail_dtype(size: int) -> np.dtype:
+    return np.dtype([("flags", "<u2"), ("idx", "<u2"), ("ring", "<u2", (size,)), ("used_event", "<u2")])
+
+
+def used_dtype(size: int) -> np.dtype:
+    return np.dtype([("flags", "<u2"), ("idx", "<u2"), ("ring", USED_ELEM, (size,)), ("avail_event", "<u2")])
+
+
+def desc_bytes(size: int) -> int:
+    return DESC_SIZE * size
+
+
+def avail_bytes(size: int) -> int:
+    return 6 + 2 * size
+
+
+def used_bytes(size: int) -> int:
+    return 6 + USED_ELEM_SIZE * size
+
+
+# Alignment the spec requires of each part (§2.7): descriptor table 16, avail 2, used 4.
+DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+
+# Per-queue state shared by the control plane and the kernels (field names follow the spec).
+QSTATE = np.dtype(
+    [
+        ("size", "<u4"),
+        ("ready", "<u4"),  # 1: the data plane may touch this ring
+        ("desc", "<u8"),  # host addresses of the three parts, validated when the ring starts
+        ("avail", "<u8"),
+        ("used", "<u8"),
+        ("last_avail_idx", "<u4"),  # u16 values kept in u32 fields
+        ("used_idx", "<u4"),
+        ("signalled_used", "<u4"),
+        ("signalled_valid", "<u4"),
+        ("event_idx", "<u4"),
+        ("mem", "<u4"),  # which region table (port) this ring's addresses go through
+        ("call_fd", "<i4"),
+        ("kick_fd", "<i4"),
+        ("broken", "<u4"),  # 0 or a BROKEN_* reason code
+        ("hdr_len", "<u4"),  # device-specific: virtio-net header length
+        ("mrg_rxbuf", "<u4"),
+        ("kicks_on", "<u4"),  # 1 while we asked the driver for kicks (idle sleep)
+    ],
+    align=True,
+)
+
+# Per-queue counters: one uint64 row per queue.
+C_PACKETS, C_BYTES, C_DROPS, C_CALLS, C_ERRORS, C_BATCHES = range(6)
+COUNTER_NAMES = ("packets", "bytes", "drops", "calls", "errors", "batches")
+N_COUNTERS = len(COUNTER_NAMES)
+
+
+def new_qstate(n: int) -> np.ndarray:
+    q = np.zeros(n, dtype=QSTATE)
+    q["call_fd"] = -1
+    q["kick_fd"] = -1
+    return q

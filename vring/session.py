@@ -1,0 +1,426 @@
+"""One connected front-end: reads vhost-user messages, checks them, and runs a handler per request.
+
+Threat model: the front-end is untrusted. Framing (version, size, fd count) is checked by
+vring.protocol before any handler; each handler checks indexes and values; every fd that
+arrives is either kept by exactly one owner or closed before the next message is read.
+A bad message gets a failure reply (REPLY_ACK) or closes this connection; other ports and
+devices keep running. Rings and memory change only while the data plane is paused.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vring import protocol as P
+from vring.device import Device
+from vring.layout import (
+    AVAIL_ALIGN,
+    DESC_ALIGN,
+    MAX_QUEUE_SIZE,
+    USED_ALIGN,
+    avail_bytes,
+    desc_bytes,
+    used_bytes,
+)
+from vring.memory import MAX_REGIONS, MemoryError_
+from vring.protocol import PF, F, ProtocolError, Req
+from vring.split import set_kicks
+
+log = logging.getLogger(__name__)
+
+BROKEN_RING_ADDRESS = 100  # control-plane reasons (kernel reasons are in vring.split)
+MSG_TIMEOUT_S = 5.0  # a front-end that stops mid-message is dropped, not waited on forever
+
+
+class Failed(Exception):
+    """The request is refused: a failure reply (REPLY_ACK), and the connection stays up."""
+
+
+@dataclass
+class Vring:
+    """What the front-end has told us about one vring."""
+
+    num: int = 0
+    addr: np.void | None = None
+    base: int = 0
+    kick: int = -1
+    call: int = -1
+    err: int = -1
+    enabled: bool = False
+    started: bool = False
+    fds: list = field(default_factory=list)
+
+
+def feature_names(mask: int, flag_type: type) -> str:
+    names = [f.name for f in flag_type if mask & f.value and f.name]
+    rest = mask & ~sum(f.value for f in flag_type)
+    if rest:
+        names.append(f"{rest:#x}")
+    return "|".join(names) or "0"
+
+
+class Session:
+    """The state of one front-end connection on one port of a device."""
+
+    def __init__(self, device: Device, port: int, sock: socket.socket, name: str = ""):
+        self.dev = device
+        self.port = port
+        self.sock = sock
+        self.name = name or f"port{port}"
+        self.sock.settimeout(MSG_TIMEOUT_S)
+        self.mem = device.memory[port]
+        self.features = 0
+        self.features_set = False
+        self.protocol_features = 0
+        self.status = 0
+        self.owner = False
+        self.vrings = [Vring() for _ in range(device.nvq)]
+        self.closed = False
+
+    # ---- I/O ----
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ProtocolError("connection closed mid-message", fatal=True)
+            buf += chunk
+        return bytes(buf)
+
+    def _send(self, request: int, payload: bytes | np.ndarray) -> None:
+        self.sock.sendall(P.encode(request, payload, reply=True))
+
+    def handle(self) -> bool:
+        """Read and handle one message. False when the connection is finished."""
+        fds: list[int] = []
+        try:
+            try:
+                head, fds, flags, _ = socket.recv_fds(self.sock, P.HEADER_SIZE, P.MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+            except (ConnectionError, TimeoutError, OSError) as e:
+                log.info("%s: connection error: %s", self.name, e)
+                return False
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("more fds than a message may carry (truncated)", fatal=True)
+            if not head:
+                return False
+            if len(head) < P.HEADER_SIZE:
+                head += self._recv_exact(P.HEADER_SIZE - len(head))
+            request, mflags, size = P.decode_header(head)
+            P.check_header(request, mflags, size)
+            payload = self._recv_exact(size) if size else b""
+            self._dispatch(request, mflags, payload, fds)
+            return True
+        except ProtocolError as e:
+            log.warning("%s: %s%s", self.name, e, " (closing connection)" if e.fatal else "")
+            return not e.fatal
+        except (ConnectionError, TimeoutError, OSError) as e:
+            log.info("%s: connection error: %s", self.name, e)
+            return False
+        finally:
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+
+    def _dispatch(self, request: int, mflags: int, payload: bytes, fds: list[int]) -> None:
+        need_ack = bool(mflags & P.FLAG_NEED_REPLY) and bool(self.protocol_features & PF.REPLY_ACK)
+        try:
+            spec = P.check_message(request, payload, len(fds))
+        except ProtocolError as e:
+            log.warning("%s: %s", self.name, e)
+            if need_ack:
+                self._send(request, P.u64(1))
+            return
+        handler = getattr(self, "_" + Req(request).name.lower(), None)
+        ok = True
+        reply = None
+        try:
+            if handler is None:
+                raise Failed(f"{Req(request).name} is not supported")
+            reply = handler(payload, fds)
+        except (Failed, MemoryError_) as e:
+            log.warning("%s: %s refused: %s", self.name, Req(request).name, e)
+            ok = False
+        if spec.reply:
+            if reply is None:
+                # a request that must be answered but failed: no way to say so in-band
+                raise ProtocolError(f"{Req(request).name} failed; closing", fatal=True)
+            self._send(request, reply)
+        elif need_ack:
+            self._send(request, P.u64(0 if ok else 1))
+
+    # ---- helpers ----
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise Failed(f"vring index {index} out of range (0..{len(self.vrings) - 1})")
+        return self.vrings[index]
+
+    @staticmethod
+    def _take_fd(fds: list[int]) -> int:
+        return fds.pop(0)
+
+    def _sync(self, index: int) -> None:
+        """Save the data plane's position of a running ring into the front-end's view."""
+        row = self.dev.row(self.port, index)
+        if self.dev.qstate[row]["ready"]:
+            self.vrings[index].base = int(self.dev.qstate[row]["last_avail_idx"])
+
+    def _apply(self, index: int) -> None:
+        """Recompute a vring's qstate row from what the front-end said (data plane paused)."""
+        v = self.vrings[index]
+        row = self.dev.row(self.port, index)
+        q = self.dev.qstate[row]
+        q["ready"] = 0
+        q["kick_fd"] = v.kick
+        q["call_fd"] = v.call
+        q["mem"] = self.port
+        if not (v.started and v.enabled and v.num and v.addr is not None and len(self.mem)):
+            return
+        try:
+            a = v.addr
+            for name, part, nbytes, align in (
+                ("desc", a["desc"], desc_bytes(v.num), DESC_ALIGN),
+                ("avail", a["avail"], avail_bytes(v.num), AVAIL_ALIGN),
+                ("used", a["used"], used_bytes(v.num), USED_ALIGN),
+            ):
+                part = int(part)
+                if part % align:
+                    raise MemoryError_(f"{name} address {part:#x} is not {align}-aligned")
+                q[name] = self.mem.uaddr_to_hva(part, nbytes)
+        except MemoryError_ as e:
+            q["broken"] = BROKEN_RING_ADDRESS
+            log.warning("%s: vring %d broken: %s", self.name, index, e)
+            return
+        used_idx = int(np.frombuffer(_at(q["used"] + 2, 2), np.uint16)[0])
+        if used_idx != v.base:
+            # we never hold chains across a stop, so the used index is where we are
+            log.info("%s: vring %d base %d but used idx %d: resuming at %d", self.name, index, v.base, used_idx,
+                     used_idx)
+            v.base = used_idx
+        q["size"] = v.num
+        q["last_avail_idx"] = v.base
+        q["used_idx"] = v.base
+        q["signalled_valid"] = 0
+        q["event_idx"] = 1 if self.features & F.RING_EVENT_IDX else 0
+        q["broken"] = 0
+        self.dev.setup_queue(row, self.features)
+        set_kicks(self.dev.qstate, row, False)  # we poll: ask the driver not to kick
+        q["ready"] = 1
+
+    def _refresh_all(self) -> None:
+        for i in range(len(self.vrings)):
+            self._apply(i)
+
+    def _stop_ring(self, index: int) -> None:
+        v = self.vrings[index]
+        self._sync(index)
+        v.started = False
+        if v.kick >= 0:
+            os.close(v.kick)
+            v.kick = -1
+        self._apply(index)
+
+    def _replace_fd(self, which: str, payload: bytes, fds: list[int]) -> Vring:
+        val = int(P.parse(P.U64, payload)["u64"])
+        v = self._vring(val & P.VRING_IDX_MASK)
+        if val & P.VRING_NOFD:
+            fd = -1  # polling mode: any fd that came along is closed by the caller
+        else:
+            if not fds:
+                raise Failed(f"{which} fd missing")
+            fd = self._take_fd(fds)
+        with self.dev.paused():
+            self._sync(val & P.VRING_IDX_MASK)
+            old = getattr(v, which)
+            setattr(v, which, fd)
+            if which == "kick":
+                v.started = True
+                if not self.features & F.PROTOCOL_FEATURES:
+                    v.enabled = True  # without protocol features a ring is enabled when it starts
+            self._apply(val & P.VRING_IDX_MASK)
+            if old >= 0:
+                os.close(old)
+        return v
+
+    # ---- handlers: return the reply payload (requests with replies) or None ----
+    def _get_features(self, payload, fds):
+        return P.u64(self.dev.features)
+
+    def _set_features(self, payload, fds):
+        v = int(P.parse(P.U64, payload)["u64"])
+        if v & ~self.dev.features:
+            raise Failed(f"features {v:#x} include bits we did not offer ({v & ~self.dev.features:#x})")
+        with self.dev.paused():
+            for i in range(len(self.vrings)):
+                self._sync(i)
+            self.features = v
+            self.features_set = True
+            self._refresh_all()
+        log.info("%s: features %s", self.name, feature_names(v, F))
+
+    def _set_owner(self, payload, fds):
+        self.owner = True
+
+    def _reset_owner(self, payload, fds):
+        self.reset()
+
+    def _reset_device(self, payload, fds):
+        self.reset()
+
+    def _get_protocol_features(self, payload, fds):
+        return P.u64(self.dev.protocol_features)
+
+    def _set_protocol_features(self, payload, fds):
+        v = int(P.parse(P.U64, payload)["u64"])
+        if v & ~self.dev.protocol_features:
+            raise Failed(f"protocol features {v:#x} include bits we did not offer")
+        self.protocol_features = v
+        log.info("%s: protocol features %s", self.name, feature_names(v, PF))
+
+    def _get_queue_num(self, payload, fds):
+        return P.u64(self.dev.queue_num())
+
+    def _get_max_mem_slots(self, payload, fds):
+        return P.u64(MAX_REGIONS)
+
+    def _set_mem_table(self, payload, fds):
+        regions = P.parse_mem_table(payload)
+        if len(fds) != len(regions):
+            raise Failed(f"{len(regions)} regions but {len(fds)} fds")
+        with self.dev.paused():
+            for i in range(len(self.vrings)):
+                self._sync(i)
+            self.mem.clear()
+            try:
+                while fds:
+                    r = regions[len(regions) - len(fds)]
+                    self.mem.add(int(r["gpa"]), int(r["size"]), int(r["uaddr"]), int(r["mmap_offset"]),
+                                 self._take_fd(fds))
+            except MemoryError_:
+                self.mem.clear()
+                self._refresh_all()
+                raise
+            self._refresh_all()
+        log.info("%s: memory table of %d region(s), %d MiB", self.name, len(regions),
+                 sum(int(r["size"]) for r in regions) >> 20)
+
+    def _add_mem_reg(self, payload, fds):
+        r = P.parse(P.SINGLE_MEM_REGION, payload)["region"]
+        with self.dev.paused():
+            for i in range(len(self.vrings)):
+                self._sync(i)
+            self.mem.add(int(r["gpa"]), int(r["size"]), int(r["uaddr"]), int(r["mmap_offset"]), self._take_fd(fds))
+            self._refresh_all()
+
+    def _rem_mem_reg(self, payload, fds):
+        r = P.parse(P.SINGLE_MEM_REGION, payload)["region"]
+        with self.dev.paused():
+            for i in range(len(self.vrings)):
+                self._sync(i)
+            found = self.mem.remove(int(r["gpa"]), int(r["size"]), int(r["uaddr"]))
+            self._refresh_all()
+        if not found:
+            raise Failed(f"no region at gpa={int(r['gpa']):#x}")
+
+    def _set_vring_num(self, payload, fds):
+        s = P.parse(P.VRING_STATE, payload)
+        v = self._vring(int(s["index"]))
+        n = int(s["num"])
+        if not (1 <= n <= MAX_QUEUE_SIZE and n & (n - 1) == 0):
+            raise Failed(f"queue size {n} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+        with self.dev.paused():
+            self._sync(int(s["index"]))
+            v.num = n
+            self._apply(int(s["index"]))
+
+    def _set_vring_addr(self, payload, fds):
+        a = P.parse(P.VRING_ADDR, payload)
+        v = self._vring(int(a["index"]))
+        with self.dev.paused():
+            self._sync(int(a["index"]))
+            v.addr = a
+            self._apply(int(a["index"]))
+
+    def _set_vring_base(self, payload, fds):
+        s = P.parse(P.VRING_STATE, payload)
+        v = self._vring(int(s["index"]))
+        with self.dev.paused():
+            v.base = int(s["num"]) & 0xFFFF
+            self._apply(int(s["index"]))
+
+    def _get_vring_base(self, payload, fds):
+        s = P.parse(P.VRING_STATE, payload)
+        index = int(s["index"])
+        v = self._vring(index)
+        with self.dev.paused():
+            self._stop_ring(index)
+        return P.record(P.VRING_STATE, index=index, num=v.base)
+
+    def _set_vring_kick(self, payload, fds):
+        self._replace_fd("kick", payload, fds)
+
+    def _set_vring_call(self, payload, fds):
+        self._replace_fd("call", payload, fds)
+
+    def _set_vring_err(self, payload, fds):
+        self._replace_fd("err", payload, fds)
+
+    def _set_vring_enable(self, payload, fds):
+        s = P.parse(P.VRING_STATE, payload)
+        index = int(s["index"])
+        v = self._vring(index)
+        if int(s["num"]) not in (0, 1):
+            raise Failed(f"SET_VRING_ENABLE num={int(s['num'])}")
+        with self.dev.paused():
+            self._sync(index)
+            v.enabled = bool(s["num"])
+            self._apply(index)
+
+    def _set_status(self, payload, fds):
+        self.status = int(P.parse(P.U64, payload)["u64"]) & 0xFF
+
+    def _get_status(self, payload, fds):
+        return P.u64(self.status)
+
+    def _get_config(self, payload, fds):
+        h = np.frombuffer(payload, P.CONFIG_HEAD, 1)[0]
+        data = self.dev.get_config(self.port, int(h["offset"]), int(h["size"]))
+        if data is None or len(data) != int(h["size"]):
+            log.warning("%s: GET_CONFIG offset=%d size=%d not available", self.name, h["offset"], h["size"])
+            data = bytes(int(h["size"]))
+        return payload[: P.CONFIG_HEAD.itemsize] + data
+
+    # ---- lifetime ----
+    def reset(self) -> None:
+        """Stop every ring and forget the negotiation (RESET_OWNER / RESET_DEVICE)."""
+        with self.dev.paused():
+            for i, v in enumerate(self.vrings):
+                for fd in (v.kick, v.call, v.err):
+                    if fd >= 0:
+                        os.close(fd)
+                self.vrings[i] = Vring()
+                self._apply(i)
+        self.features = 0
+        self.features_set = False
+        self.protocol_features = 0
+        self.status = 0
+
+    def close(self) -> None:
+        """Disconnect: stop the rings, close every fd, unmap all memory."""
+        if self.closed:
+            return
+        self.closed = True
+        with self.dev.paused():
+            self.reset()
+            self.mem.clear()
+        self.sock.close()
+
+
+def _at(addr: int, n: int) -> bytearray:
+    """A copy of n bytes at a validated host address (control plane only)."""
+    import ctypes
+
+    return bytearray(ctypes.string_at(int(addr), n))
