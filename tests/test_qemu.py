@@ -59,6 +59,8 @@ def _ping_and_check(v, g1, g2, count, t0):
     g1.stop()
     g2.stop()
     assert v.stop() == 0, v.log_text()[-4000:]
+    log = v.log_text()
+    assert "Traceback" not in log and " ERROR " not in log, log[-4000:]
     c = v.port_counters()
     print(f"vring {c}\ntotal {time.monotonic() - t0:.1f} s")
     assert set(c) == {0, 1}, v.log_text()[-4000:]
@@ -95,5 +97,5 @@ def test_qemu_server_vring_client(sockdir, peers, vring_proc):
     g1, g2 = _guests(peers, sockdir, a, b, count, 0.1, server=True)
     wait_for_socket(a, 30, proc=g1)
     wait_for_socket(b, 30, proc=g2)
-    v = vring_proc("net", "--client", "--socket", a, "--socket", b, cpus=VRING_CPU)
+    v = vring_proc(*VRING_OPTS, "net", "--client", "--socket", a, "--socket", b, cpus=VRING_CPU)
     _ping_and_check(v, g1, g2, count, t0)

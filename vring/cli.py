@@ -47,37 +47,49 @@ def cmd_net(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """A vring net back-end (loopback) in a child process, the in-tree front-end here, live Mpps."""
+def _print_rates(r: dict) -> None:
+    print(f"  tx {r['tx_mpps']:7.3f} Mpps   rx {r['rx_mpps']:7.3f} Mpps   (sent {r['tx_packets']}, "
+          f"received {r['rx_packets']})", flush=True)
+
+
+def cmd_frontend(args: argparse.Namespace) -> int:
+    """The in-tree front-end as a traffic generator against any vhost-user net back-end."""
+    import json
+
     from vring.frontend import Frontend
+    from vring.generator import run
+
+    fe = Frontend(args.socket, queue_pairs=args.queues, queue_size=args.queue_size,
+                  buf_size=max(2048, args.frame_size + 64))
+    try:
+        fe.connect(timeout=args.wait)
+        fe.setup()
+        res = run(fe, args.mode, args.seconds, burst=args.burst, frame_size=args.frame_size,
+                  report=None if args.quiet else _print_rates)
+    finally:
+        fe.close()
+    print(json.dumps({"mode": args.mode, "burst": args.burst, "frame_size": args.frame_size, **res}), flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A vring net back-end (loopback) in a child process, the jitted in-tree front-end here, live Mpps."""
+    from vring.frontend import Frontend
+    from vring.generator import run
 
     with tempfile.TemporaryDirectory(prefix="vring-demo-") as d:
         sock = os.path.join(d, "vring.sock")
         backend = subprocess.Popen([sys.executable, "-m", "vring", "net", "--socket", sock, "--mode", "loopback"])
         fe = Frontend(sock, queue_size=256)
         try:
-            fe.connect(timeout=60)
+            fe.connect(timeout=120)
             fe.setup()
-            frame = bytes(range(256)) * (args.frame_size // 256 + 1)
-            frame = frame[: args.frame_size]
-            fe.post_rx()
-            print(f"demo: in-tree front-end <-> vring net loopback, {args.frame_size}-byte frames, "
-                  f"{args.seconds} s", flush=True)
-            sent = got = bad = 0
-            t0 = last = time.monotonic()
-            last_got = 0
-            while time.monotonic() - t0 < args.seconds:
-                sent += fe.send_frames([frame] * 64)
-                for f in fe.recv_frames():
-                    got += 1
-                    bad += f != frame
-                now = time.monotonic()
-                if now - last >= 1.0:
-                    print(f"  {got - last_got:>9} frames/s  {(got - last_got) / (now - last) / 1e6:.3f} Mpps "
-                          f" (sent {sent}, received {got}, corrupt {bad})", flush=True)
-                    last, last_got = now, got
-            print(f"demo: sent {sent} received {got} corrupt {bad}", flush=True)
-            return 0 if got > 0 and bad == 0 else 1
+            print(f"demo: in-tree front-end (flowgen) <-> vring net (loopback), {args.frame_size}-byte frames, "
+                  f"burst {args.burst}, {args.seconds:g} s", flush=True)
+            res = run(fe, "flowgen", args.seconds, burst=args.burst, frame_size=args.frame_size, report=_print_rates)
+            print(f"demo: sent {res['tx_packets']} received {res['rx_packets']} "
+                  f"({res['rx_mpps']:.2f} Mpps through vring)", flush=True)
+            return 0 if res["rx_packets"] > 0 else 1
         finally:
             fe.close()
             backend.send_signal(signal.SIGTERM)
@@ -110,7 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="vring net + the in-tree front-end, printing live Mpps")
     d.add_argument("--seconds", type=float, default=5.0)
     d.add_argument("--frame-size", type=int, default=64)
+    d.add_argument("--burst", type=int, default=32)
     d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("frontend", help="the in-tree front-end as a jitted traffic generator",
+                       description="Connect to a vhost-user net back-end (vring net, DPDK net_vhost, ...) as its "
+                                   "front-end and generate or sink traffic from a nogil numba loop.")
+    g.add_argument("--socket", required=True, metavar="PATH")
+    g.add_argument("--mode", choices=("txonly", "rxonly", "flowgen"), default="flowgen",
+                   help="txonly: send; rxonly: receive; flowgen: both (default)")
+    g.add_argument("--burst", type=int, default=32)
+    g.add_argument("--frame-size", type=int, default=64)
+    g.add_argument("--queues", type=int, default=1, help="queue pairs")
+    g.add_argument("--queue-size", type=int, default=256)
+    g.add_argument("--seconds", type=float, default=5.0)
+    g.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the socket")
+    g.add_argument("--quiet", action="store_true", help="only the final JSON line")
+    g.set_defaults(func=cmd_frontend)
     return p
 
 
