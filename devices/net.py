@@ -19,7 +19,7 @@ from numba import njit
 from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep, running
 from vring.device import Device
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes
+from vring.ordering import copy_bytes, cycles
 from vring.protocol import PF, F
 from vring.split import (
     MAX_SEGS,
@@ -139,7 +139,7 @@ def _deliver(qs, regions, dst, dstate, s_hva, s_len, ns, src_hdr, flen, sc):
 def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
     if not qs[src]["ready"] or qs[src]["broken"]:
-        return 0
+        return -1
     n = avail_count(qs, src)
     if n < 0:
         _mark_broken(qs, counters, src, -n)
@@ -202,7 +202,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
 def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc):
     """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
     if not qs[dst]["ready"] or qs[dst]["broken"]:
-        return 0
+        return -1
     a = avail_count(qs, dst)
     if a < 0:
         _mark_broken(qs, counters, dst, -a)
@@ -242,8 +242,13 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, d
 
 
 @njit(nogil=True, cache=True)
-def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst):
-    """The net data plane: run every link, round after round, until told to stop."""
+def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy):
+    """The net data plane: run every link, round after round, until told to stop.
+
+    Self-measurement (as testpmd's --record-burst-stats / --record-core-cycles): polls[n]
+    counts polls of a ready ring that found n frames (n capped at burst); busy[0] the cycles
+    spent in polls that found work and busy[1] the frames they moved.
+    """
     one = np.ones(1, np.uint64)
     buf = np.zeros(1, np.uint64)
     pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
@@ -266,10 +271,17 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst):
             src = links[li, 0]
             dst = links[li, 1]
             mode = links[li, 2]
+            t0 = cycles()
             if mode == MODE_SOURCE:
-                work += _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc)
+                done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc)
             else:
-                work += _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc)
+                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc)
+            if done > 0:
+                busy[0] += cycles() - t0
+                busy[1] += done
+                work += done
+            if done >= 0:
+                polls[min(done, burst)] += 1
         ctrl[ROUNDS] += 1
         if work > 0:
             ctrl[BUSY_ROUNDS] += 1
@@ -303,7 +315,7 @@ class NetDevice(Device):
     kind = "net"
 
     def __init__(self, nports: int, mode: str, queues: int = 1, frame_size: int = 64, burst: int = 32,
-                 idle_rounds: int = 20000):
+                 idle_rounds: int = 20000, cpus: list[int] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode == "xconnect" and nports != 2:
@@ -319,7 +331,9 @@ class NetDevice(Device):
         watch = sorted({int(s) for s, _, m in self.links if m != MODE_SOURCE and s >= 0}
                        | {int(d) for _, d, m in self.links if m == MODE_SOURCE})
         self.watch = np.array(watch, dtype=np.int64)
-        self.worker = Worker("net", net_loop, self._args, idle_rounds=idle_rounds)
+        self.polls = np.zeros(burst + 1, np.int64)
+        self.busy = np.zeros(2, np.uint64)
+        self.worker = Worker("net", net_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
 
     def _links(self) -> np.ndarray:
         rx = lambda p, k: self.row(p, 2 * k)  # noqa: E731
@@ -339,7 +353,23 @@ class NetDevice(Device):
         return np.array(links, dtype=np.int64).reshape(-1, 3)
 
     def _args(self) -> tuple:
-        return (self.qstate, self.counters, self.regions, self.links, self.watch, self.frame, self.burst)
+        return (self.qstate, self.counters, self.regions, self.links, self.watch, self.frame, self.burst,
+                self.polls, self.busy)
+
+    def poll_stats(self) -> dict[str, float]:
+        """Share of empty polls and cycles (and ns) per frame in polls that found work."""
+        from vring.ordering_calibrate import ns_per_cycle
+
+        total = int(self.polls.sum())
+        frames = int(self.busy[1])
+        cyc = int(self.busy[0]) / frames if frames else 0.0
+        return {
+            "polls": total,
+            "empty_share": float(self.polls[0]) / total if total else 0.0,
+            "full_share": float(self.polls[-1]) / total if total else 0.0,
+            "cycles_per_frame": cyc,
+            "ns_per_frame": cyc * ns_per_cycle(),
+        }
 
     def queue_num(self) -> int:
         return self.queues  # virtio-net counts queue pairs (as DPDK and QEMU do)

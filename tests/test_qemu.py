@@ -38,20 +38,54 @@ def _guests(peers, sockdir, a, b, count, interval, server=False):
     return g1, g2
 
 
+class _Timeline:
+    """When (s since t0) each guest's RESULT lines first appeared: both serial logs are polled
+    together, so a failure report shows which guest was late (e.g. guest 2 still booting while
+    guest 1 already pings it)."""
+
+    def __init__(self, t0, guests):
+        self.t0, self.guests, self.events = t0, guests, []
+        self._seen = set()
+
+    def poll(self):
+        now = time.monotonic() - self.t0
+        for g in self.guests:
+            for r in g.results():
+                if (g.name, r) not in self._seen:
+                    self._seen.add((g.name, r))
+                    self.events.append(f"{now:5.1f} s {g.name}: {r}")
+
+    def wait(self, guest, pattern, timeout):
+        """Poll all guests until ``guest`` prints a RESULT matching ``pattern``; returns the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            try:
+                return guest.wait_result(pattern, 0)
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{guest.name}: no RESULT {pattern!r} within {timeout} s\n"
+                                       + str(self)) from None
+            time.sleep(0.1)
+
+    def __str__(self):
+        return "\n".join(self.events)
+
+
 def _ping_and_check(v, g1, g2, count, t0):
-    g1.wait_result(r"^boot ok", 60)
-    g2.wait_result(r"^boot ok", 60)
-    t_boot = time.monotonic()
-    v.wait_log("port=0 front-end connected", 30)
-    v.wait_log("port=1 front-end connected", 30)
-    reach = g1.wait_result(r"^ping (reachable after \d+ s|unreachable)", 60)
-    t_reach = time.monotonic()
-    m = g1.wait_result(PING_RX, 30 + count * 0.5)
-    t_ping = time.monotonic()
-    timing = (f"boot {t_boot - t0:.1f} s, reachable {t_reach - t0:.1f} s, "
-              f"ping done {t_ping - t0:.1f} s")
-    print(f"\nguest 1: {g1.results()}\nguest 2: {g2.results()}\n{timing}")
-    diag = f"{timing}\n{g1.log_tail()}\n{g2.log_tail()}\n--- vring ---\n{v.log_text()[-4000:]}"
+    tl = _Timeline(t0, [g1, g2])
+    try:
+        tl.wait(g1, r"^boot ok", 90)
+        tl.wait(g2, r"^net (up|fail)", 60)
+        v.wait_log("port=0 front-end connected", 30)
+        v.wait_log("port=1 front-end connected", 30)
+        reach = tl.wait(g1, r"^ping (reachable after \d+ s|unreachable)", 60)
+        m = tl.wait(g1, PING_RX, 30 + count * 0.5)
+    except Exception as e:
+        raise AssertionError(f"{e}\n{g1.log_tail()}\n{g2.log_tail()}\n--- vring ---\n"
+                             f"{v.log_text()[-4000:]}") from e
+    print(f"\n{tl}")
+    diag = f"{tl}\n{g1.log_tail()}\n{g2.log_tail()}\n--- vring ---\n{v.log_text()[-4000:]}"
     assert reach.group(1).startswith("reachable"), diag
     assert m.group(1) == "ok", diag
     assert (int(m.group(2)), int(m.group(3)), float(m.group(4))) == (count, count, 0.0), diag

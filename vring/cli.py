@@ -18,13 +18,23 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def parse_cpus(text: str) -> list[int]:
+    """'0,2-3' -> [0, 2, 3]"""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def cmd_net(args: argparse.Namespace) -> int:
     from devices.net import NetDevice
     from vring.server import Server
 
     mode = args.mode or ("xconnect" if len(args.socket) == 2 else "loopback")
+    idle = 0 if args.poll else 1 if args.interrupt else args.idle_rounds
     dev = NetDevice(len(args.socket), mode, queues=args.queues, frame_size=args.frame_size, burst=args.burst,
-                    idle_rounds=0 if args.poll else args.idle_rounds)
+                    idle_rounds=idle, cpus=parse_cpus(args.cpus) if args.cpus else None)
     server = Server(dev, args.socket, client=args.client)
 
     def stop(signum, frame):
@@ -32,11 +42,11 @@ def cmd_net(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    server.open()
-    dev.start()
-    log.info("vring net: mode=%s ports=%d queues=%d %s", mode, dev.nports, args.queues,
-             "client" if args.client else "server")
+    dev.start()  # compiles the data plane first: the socket appears only when vring is ready
     try:
+        server.open()
+        log.info("vring net: mode=%s ports=%d queues=%d %s", mode, dev.nports, args.queues,
+                 "client" if args.client else "server")
         server.serve(until=time.monotonic() + args.seconds if args.seconds else None)
     finally:
         server.close()
@@ -44,6 +54,9 @@ def cmd_net(args: argparse.Namespace) -> int:
         for p in range(dev.nports):
             c = dev.port_counters(p)
             print(f"port {p} ({args.socket[p]}): " + " ".join(f"{k}={v}" for k, v in c.items()), flush=True)
+        ps = dev.poll_stats()
+        print(f"polls={ps['polls']} empty={100 * ps['empty_share']:.1f}% full={100 * ps['full_share']:.1f}% "
+              f"busy_ns_per_frame={ps['ns_per_frame']:.1f}", flush=True)
     return 0
 
 
@@ -113,9 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--queues", type=int, default=1, help="queue pairs per port (default 1)")
     n.add_argument("--frame-size", type=int, default=64, help="frame size for --mode source (default 64)")
     n.add_argument("--burst", type=int, default=32, help="frames per ring per round (default 32)")
-    n.add_argument("--poll", action="store_true", help="busy-poll forever (never sleep when idle)")
+    how = n.add_mutually_exclusive_group()
+    how.add_argument("--poll", action="store_true", help="busy-poll forever (lowest latency, one core at 100%%)")
+    how.add_argument("--interrupt", action="store_true",
+                     help="sleep on the kick eventfds as soon as a round finds nothing (for mostly idle guests)")
+    n.add_argument("--cpus", metavar="LIST", help="pin the data-plane thread to these CPUs, e.g. 1 or 0,2-3")
     n.add_argument("--idle-rounds", type=int, default=20000,
-                   help="empty polling rounds before sleeping on the kick eventfds (default 20000)")
+                   help="adaptive (default): empty rounds before sleeping on the kick eventfds (default 20000)")
     n.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (default: run until a signal)")
     n.set_defaults(func=cmd_net)
 

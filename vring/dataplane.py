@@ -74,7 +74,7 @@ class Worker:
     """One data-plane thread running ``loop(ctrl, *args_fn())`` with pause/resume."""
 
     def __init__(self, name: str, loop: Callable, args_fn: Callable[[], tuple], idle_rounds: int = 20000,
-                 sleep_ms: int = 1000):
+                 sleep_ms: int = 1000, cpus: list[int] | None = None):
         self.name = name
         self._loop = loop
         self._args_fn = args_fn
@@ -88,12 +88,23 @@ class Worker:
         self._pauses = 0
         self._in_loop = False
         self.error: BaseException | None = None
+        self.cpus = cpus
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
+    def warm_up(self) -> None:
+        """Compile (or load from cache) the loop before any front-end is accepted: run it once
+        with the command already PAUSE, so it returns at once."""
+        self.ctrl[CMD] = PAUSE
+        self._loop(self.ctrl, *self._args_fn())
+
     def start(self) -> None:
+        self.warm_up()
         self._thread.start()
 
     def _main(self) -> None:
+        if self.cpus:
+            os.sched_setaffinity(0, self.cpus)  # pid 0: this thread only
+            log.info("worker=%s pinned to cpus %s", self.name, ",".join(map(str, self.cpus)))
         while True:
             with self._cv:
                 while self._cmd != "run":

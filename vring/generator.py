@@ -163,6 +163,7 @@ class Generator:
             ring.set_interrupts(False)  # we poll
         self.burst = burst
         self.ctrl = np.zeros(1, np.int64)
+        drive(self.ctrl, self.rings, self.free, self.stats, np.int64(burst))  # compile now (ctrl 0: returns)
         self.result = 0
         self._thread: threading.Thread | None = None
 

@@ -142,3 +142,16 @@ sys_write = _syscall("write", 64, ("i32", "ptr", "u64"))
 sys_read = _syscall("read", 64, ("i32", "ptr", "u64"))
 # int poll(struct pollfd *fds, nfds_t n, int timeout_ms)
 sys_poll = _syscall("poll", 32, ("ptr", "u64", "i32"))
+
+
+@intrinsic
+def cycles(typingctx):
+    """The CPU's cycle counter (rdtsc on x86): cheap timing inside the data plane."""
+    sig = types.uint64()
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                            "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return sig, codegen

@@ -1,0 +1,331 @@
+"""Kernel micro-benchmarks: vring's split-ring kernels on synthetic rings, in one process.
+
+The driver side is the in-tree ``Frontend`` used without a socket: it only provides memfd
+guest memory and the ring layout. Each benchmark calls ONE jitted function that runs many
+rounds (about BENCH_PACKETS packets) inside numba, so what is measured is the kernels, not
+Python's dispatch (~450 ns per call, see /work/shared/NUMBA.md).
+
+Kernels (ns/packet = time of one call / packets it moved):
+  pop      avail_count + avail_head + walk_chain per chain, put_used, publish_used per batch (TX ring)
+  push     put_used per chain + publish_used per batch (used ring only)
+  notify   call() once per batch (the fence + suppression check; no eventfd: the driver polls)
+  scatter  _scatter of one frame (12-byte header + frame) per packet: memcpy only, no ring work
+  deliver  _deliver per frame into the RX ring (RX chain walk + header + copy + put_used) + publish
+  forward  _forward_batch TX -> RX: everything the data plane does per batch, copy included
+
+The driver's part is minimal and identical everywhere: descriptor d always owns buffer d, the
+avail ring holds head i in slot i, chains come back in order, so re-posting a batch is one
+release store of avail.idx (what an IN_ORDER driver amounts to). Run:
+
+    /tmp/venv/bin/python -m pytest bench/test_kernels.py --benchmark-json=bench/results/kernels.raw.json
+    /tmp/venv/bin/python bench/report.py bench/results/kernels.raw.json
+
+Environment: BENCH_PACKETS (default 100000 per call), BENCH_ROUNDS (default 5 timed calls),
+BENCH_BATCHES / BENCH_SIZES (comma lists) to narrow the matrix.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from numba import njit
+
+from devices.net import MAX_MRG, MODE_FORWARD, _deliver, _forward_batch, _scatter
+from devices.net import test_frame as make_frame
+from vring.frontend import GPA_BASE, NET_HDR, Frontend
+from vring.layout import AVAIL_F_NO_INTERRUPT, C_CALLS, C_DROPS, C_ERRORS, C_PACKETS, DESC_F_WRITE, N_COUNTERS, new_qstate
+from vring.memory import MAX_REGIONS
+from vring.ordering import store_u16_release
+from vring.split import MAX_SEGS, avail_count, avail_head, call, publish_used, put_used, walk_chain
+
+QSIZE = 512  # room for the largest batch (256) with the ring never full
+BUF_SIZE = 2048
+RX, TX = 0, 1  # qstate rows, as the net layout (vring 2k = RX, 2k+1 = TX)
+
+
+def _ints(name: str, default: str) -> list[int]:
+    return [int(x) for x in os.environ.get(name, default).split(",") if x]
+
+
+BATCHES = _ints("BENCH_BATCHES", "1,2,4,8,16,32,64,128,256")
+SIZES = _ints("BENCH_SIZES", "64,512,1500")
+PACKETS = int(os.environ.get("BENCH_PACKETS", "100000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+
+
+def rounds_for(batch: int) -> int:
+    return max(1, -(-PACKETS // batch))
+
+
+# ---------------------------------------------------------------- the rig: memory + rings + qstate
+class Rig:
+    """One Frontend's memory and rings (no socket), the region table and the qstate rows for them."""
+
+    def __init__(self, frame_size: int, qsize: int = QSIZE):
+        self.frame_size = frame_size
+        self.fe = fe = Frontend("/nonexistent", queue_pairs=1, queue_size=qsize, buf_size=BUF_SIZE)
+        self.regions = np.zeros((1, MAX_REGIONS, 4), np.uint64)
+        self.regions[0, 0] = (GPA_BASE, fe.mem_size, fe.uaddr, fe.uaddr)
+        self.qs = new_qstate(2)
+        self.counters = np.zeros((2, N_COUNTERS), np.uint64)
+        self.one = np.ones(1, np.uint64)
+        frame = make_frame(frame_size)
+        slots = np.arange(qsize)
+        for row, ring in ((RX, fe.rx()), (TX, fe.tx())):
+            q = self.qs[row]
+            q["size"] = qsize
+            q["desc"] = fe.uaddr + ring.desc_off
+            q["avail"] = fe.uaddr + ring.avail_off
+            q["used"] = fe.uaddr + ring.used_off
+            q["hdr_len"] = NET_HDR
+            q["mrg_rxbuf"] = 1
+            q["mem"] = 0
+            q["call_fd"] = -1
+            q["kick_fd"] = -1
+            q["ready"] = 1
+            tx = row == TX
+            ring.desc["addr"] = GPA_BASE + ring.buf_off + slots * BUF_SIZE
+            ring.desc["len"] = NET_HDR + frame_size if tx else BUF_SIZE
+            ring.desc["flags"] = 0 if tx else DESC_F_WRITE
+            ring.desc["next"] = 0
+            ring.avail["ring"][:] = slots  # slot i holds head i, forever (chains come back in order)
+            ring.avail["idx"] = 0
+            ring.avail["flags"] = AVAIL_F_NO_INTERRUPT  # the driver polls: no interrupts wanted
+            if tx:
+                bufs = fe.mem[ring.buf_off : ring.buf_off + qsize * BUF_SIZE].reshape(qsize, BUF_SIZE)
+                bufs[:, :NET_HDR] = 0
+                bufs[:, NET_HDR : NET_HDR + frame_size] = frame
+        self.tx_buf_hva = np.uint64(fe.uaddr + fe.tx().buf_off)
+        self.rx_buf_hva = np.uint64(fe.uaddr + fe.rx().buf_off)
+
+    def close(self) -> None:
+        del self.qs, self.regions
+        self.fe.close()
+
+
+@pytest.fixture
+def rig_for():
+    made: list[Rig] = []
+
+    def make(size: int) -> Rig:
+        r = Rig(size)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+# ---------------------------------------------------------------- jitted round loops
+@njit(nogil=True, cache=True)
+def _driver_post(qs, q, n):
+    """Driver side: make ``n`` chains available beyond what the device has popped (one release store)."""
+    store_u16_release(qs[q]["avail"] + np.uint64(2), np.uint16((np.int64(qs[q]["last_avail_idx"]) + n) & 0xFFFF))
+
+
+@njit(nogil=True, cache=True)
+def pop_rounds(qs, regions, rounds, batch):
+    """Pop ``batch`` TX chains per round and return them; bytes seen (or < 0 on a kernel error)."""
+    s_hva = np.zeros(MAX_SEGS, np.uint64)
+    s_len = np.zeros(MAX_SEGS, np.uint64)
+    total = 0
+    for _ in range(rounds):
+        _driver_post(qs, TX, batch)
+        n = avail_count(qs, TX)
+        if n < batch:
+            return -1
+        for i in range(batch):
+            head = avail_head(qs, TX, i)
+            if head < 0:
+                return -2
+            ns, ln = walk_chain(qs, TX, regions, head, 0, s_hva, s_len, 0)
+            if ns < 0:
+                return -3
+            total += np.int64(ln)
+            put_used(qs, TX, i, head, 0)
+        publish_used(qs, TX, batch, batch)
+    return total
+
+
+@njit(nogil=True, cache=True)
+def push_rounds(qs, rounds, batch):
+    """put_used ``batch`` entries and publish them, per round; returns the used index."""
+    mask = np.int64(qs[TX]["size"]) - 1
+    for _ in range(rounds):
+        base = np.int64(qs[TX]["used_idx"])
+        for i in range(batch):
+            put_used(qs, TX, i, (base + i) & mask, 0)
+        publish_used(qs, TX, batch, batch)
+    return np.int64(qs[TX]["used_idx"])
+
+
+@njit(nogil=True, cache=True)
+def notify_rounds(qs, counters, one, rounds):
+    """call() once per round (need_call's fence and flag check; the driver asked for no interrupts)."""
+    for _ in range(rounds):
+        call(qs, TX, counters, one)
+    return np.int64(counters[TX, C_CALLS])
+
+
+@njit(nogil=True, cache=True)
+def scatter_rounds(rounds, batch, src_base, dst_base, qsize, nbytes):
+    """Copy one header+frame per packet from TX buffer slot k to RX buffer slot k."""
+    c_hva = np.zeros(1, np.uint64)
+    c_len = np.zeros(1, np.uint64)
+    d_hva = np.zeros(1, np.uint64)
+    d_len = np.zeros(1, np.uint64)
+    c_len[0] = nbytes
+    d_len[0] = np.uint64(2048)
+    k = 0
+    for _ in range(rounds):
+        for _i in range(batch):
+            off = np.uint64(k & (qsize - 1)) * np.uint64(2048)
+            c_hva[0] = src_base + off
+            d_hva[0] = dst_base + off
+            _scatter(c_hva, c_len, d_hva, d_len, nbytes)
+            k += 1
+    return k
+
+
+@njit(nogil=True, cache=True)
+def deliver_rounds(qs, regions, rounds, batch, src_base, qsize, flen):
+    """_deliver ``batch`` frames (from TX buffer slots) into the RX ring per round, then publish.
+
+    ``sc`` is the scratch tuple net_loop builds, built the same way here."""
+    s_hva = np.zeros(1, np.uint64)
+    s_len = np.zeros(1, np.uint64)
+    dstate = np.zeros(3, np.int64)
+    sc = (
+        np.zeros(MAX_SEGS, np.uint64),
+        np.zeros(MAX_SEGS, np.uint64),
+        np.zeros(MAX_SEGS + 1, np.uint64),
+        np.zeros(MAX_SEGS + 1, np.uint64),
+        np.zeros(MAX_MRG, np.int64),
+        np.zeros(MAX_MRG, np.uint64),
+        np.zeros(16, np.uint8),
+    )
+    hl = np.uint64(qs[RX]["hdr_len"])
+    s_len[0] = hl + flen
+    k = 0
+    out = 0
+    for _ in range(rounds):
+        _driver_post(qs, RX, qsize)  # every RX buffer the device gave back is posted again
+        dstate[0] = 0
+        dstate[1] = 0
+        dstate[2] = 0
+        for _i in range(batch):
+            s_hva[0] = src_base + np.uint64(k & (qsize - 1)) * np.uint64(2048)
+            k += 1
+            r = _deliver(qs, regions, RX, dstate, s_hva, s_len, 1, hl, flen, sc)
+            if r <= 0:
+                return -1
+            dstate[1] += r
+            dstate[2] += r
+            out += 1
+        publish_used(qs, RX, dstate[1], dstate[2])
+    return out
+
+
+@njit(nogil=True, cache=True)
+def forward_rounds(qs, counters, regions, rounds, batch, qsize):
+    """_forward_batch TX -> RX once per round, the driver re-posting both rings; frames forwarded."""
+    one = np.ones(1, np.uint64)
+    s_hva = np.zeros(MAX_SEGS, np.uint64)
+    s_len = np.zeros(MAX_SEGS, np.uint64)
+    dstate = np.zeros(3, np.int64)
+    sc = (
+        np.zeros(MAX_SEGS, np.uint64),
+        np.zeros(MAX_SEGS, np.uint64),
+        np.zeros(MAX_SEGS + 1, np.uint64),
+        np.zeros(MAX_SEGS + 1, np.uint64),
+        np.zeros(MAX_MRG, np.int64),
+        np.zeros(MAX_MRG, np.uint64),
+        np.zeros(16, np.uint8),
+    )
+    out = 0
+    for _ in range(rounds):
+        _driver_post(qs, TX, batch)
+        _driver_post(qs, RX, qsize)
+        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, dstate, sc)
+        if done != batch:
+            return -1
+        out += done
+    return out
+
+
+# ---------------------------------------------------------------- benchmarks
+def _bench(benchmark, kernel: str, batch: int, size: int, packets: int, fn):
+    fn()  # compile (or load from cache) and warm the rings outside the timing
+    benchmark.group = f"{kernel}-{size}B"
+    benchmark.extra_info.update(kernel=kernel, batch=batch, size=size, packets=packets)
+    return benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+
+
+params = pytest.mark.parametrize(("batch", "size"), [(b, s) for s in SIZES for b in BATCHES],
+                                 ids=[f"b{b}-{s}B" for s in SIZES for b in BATCHES])
+
+
+@params
+def test_pop(benchmark, rig_for, batch, size):
+    rig = rig_for(size)
+    rounds = rounds_for(batch)
+    got = _bench(benchmark, "pop", batch, size, rounds * batch,
+                 lambda: pop_rounds(rig.qs, rig.regions, rounds, batch))
+    assert got == rounds * batch * (NET_HDR + size)
+
+
+@params
+def test_push(benchmark, rig_for, batch, size):
+    rig = rig_for(size)
+    rounds = rounds_for(batch)
+    got = _bench(benchmark, "push", batch, size, rounds * batch, lambda: push_rounds(rig.qs, rounds, batch))
+    assert got >= 0
+
+
+@params
+def test_notify(benchmark, rig_for, batch, size):
+    rig = rig_for(size)
+    rounds = rounds_for(batch)
+    _bench(benchmark, "notify", batch, size, rounds * batch,
+           lambda: notify_rounds(rig.qs, rig.counters, rig.one, rounds))
+    assert rig.counters[TX, C_CALLS] == 0  # no calls: the driver asked for none (and there is no call fd)
+
+
+@params
+def test_scatter(benchmark, rig_for, batch, size):
+    rig = rig_for(size)
+    rounds = rounds_for(batch)
+    got = _bench(benchmark, "scatter", batch, size, rounds * batch,
+                 lambda: scatter_rounds(rounds, batch, rig.tx_buf_hva, rig.rx_buf_hva, QSIZE, np.uint64(NET_HDR + size)))
+    assert got == rounds * batch
+    rx = rig.fe.rx()
+    assert bytes(rig.fe.mem[rx.buf_off + NET_HDR : rx.buf_off + NET_HDR + size]) == make_frame(size).tobytes()
+
+
+@params
+def test_deliver(benchmark, rig_for, batch, size):
+    rig = rig_for(size)
+    rounds = rounds_for(batch)
+    got = _bench(benchmark, "deliver", batch, size, rounds * batch,
+                 lambda: deliver_rounds(rig.qs, rig.regions, rounds, batch, rig.tx_buf_hva, QSIZE, np.uint64(size)))
+    assert got == rounds * batch
+
+
+@params
+def test_forward(benchmark, rig_for, batch, size):
+    rig = rig_for(size)
+    rounds = rounds_for(batch)
+    got = _bench(benchmark, "forward", batch, size, rounds * batch,
+                 lambda: forward_rounds(rig.qs, rig.counters, rig.regions, rounds, batch, QSIZE))
+    assert got == rounds * batch
+    assert rig.counters[RX, C_DROPS] == 0 and rig.counters[TX, C_ERRORS] == 0
+    assert rig.counters[RX, C_PACKETS] == rig.counters[TX, C_PACKETS]
+    # the last frame delivered: virtio_net_hdr with num_buffers=1, then the frame
+    rx = rig.fe.rx()
+    last = (int(rig.qs[RX]["used_idx"]) - 1) % QSIZE
+    head = int(rx.used["ring"][last]["id"])
+    assert int(rx.used["ring"][last]["len"]) == NET_HDR + size
+    buf = rx.buf(head)
+    assert int(buf[10]) == 1 and bytes(buf[NET_HDR : NET_HDR + size]) == make_frame(size).tobytes()
