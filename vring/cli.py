@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -156,7 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the socket")
     g.add_argument("--quiet", action="store_true", help="only the final JSON line")
     g.set_defaults(func=cmd_frontend)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return p
+
+
+# Modules that add their own subcommand: each has ``register(subparsers)`` adding a parser whose
+# defaults set ``func(args) -> int``.
+COMMAND_MODULES: list[str] = []
 
 
 def main(argv: list[str] | None = None) -> int:
