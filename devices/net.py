@@ -16,6 +16,8 @@ import logging
 import numpy as np
 from numba import njit
 
+from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
+from devices.capture import empty as no_capture
 from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep, running
 from vring.device import Device
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
@@ -136,7 +138,7 @@ def _deliver(qs, regions, dst, dstate, s_hva, s_len, ns, src_hdr, flen, sc):
 
 
 @njit(nogil=True, cache=True)
-def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc):
+def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc, cap):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
     if not qs[src]["ready"] or qs[src]["broken"]:
         return -1
@@ -170,6 +172,9 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
         flen = total - hl
         counters[src, C_PACKETS] += 1
         counters[src, C_BYTES] += flen
+        capturing = cap[0][K_PORTS] != 0
+        if capturing:
+            capture(cap[0], cap[1], cap[2], src, DIR_FROM_GUEST, s_hva, s_len, ns, hl, flen)
         if mode == MODE_SINK:
             continue
         if not dst_ok:
@@ -182,6 +187,8 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
             dstate[2] += r
             counters[dst, C_PACKETS] += 1
             counters[dst, C_BYTES] += flen
+            if capturing:
+                capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
         elif r == 0:
             counters[dst, C_DROPS] += 1
         else:
@@ -199,7 +206,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
 
 
 @njit(nogil=True, cache=True)
-def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc):
+def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc, cap):
     """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
     if not qs[dst]["ready"] or qs[dst]["broken"]:
         return -1
@@ -228,6 +235,8 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, d
             counters[dst, C_PACKETS] += 1
             counters[dst, C_BYTES] += flen
             sent += 1
+            if cap[0][K_PORTS] != 0:
+                capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, 1, 0, flen)
         elif r == 0:
             counters[dst, C_DROPS] += 1
             break
@@ -242,7 +251,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, d
 
 
 @njit(nogil=True, cache=True)
-def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy):
+def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy, cap):
     """The net data plane: run every link, round after round, until told to stop.
 
     Self-measurement (as testpmd's --record-burst-stats / --record-core-cycles): polls[n]
@@ -273,9 +282,9 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
             mode = links[li, 2]
             t0 = cycles()
             if mode == MODE_SOURCE:
-                done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc)
+                done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc, cap)
             else:
-                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc)
+                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc, cap)
             if done > 0:
                 busy[0] += cycles() - t0
                 busy[1] += done
@@ -331,6 +340,7 @@ class NetDevice(Device):
         watch = sorted({int(s) for s, _, m in self.links if m != MODE_SOURCE and s >= 0}
                        | {int(d) for _, d, m in self.links if m == MODE_SOURCE})
         self.watch = np.array(watch, dtype=np.int64)
+        self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
         self.polls = np.zeros(burst + 1, np.int64)
         self.busy = np.zeros(2, np.uint64)
         self.worker = Worker("net", net_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
@@ -354,7 +364,7 @@ class NetDevice(Device):
 
     def _args(self) -> tuple:
         return (self.qstate, self.counters, self.regions, self.links, self.watch, self.frame, self.burst,
-                self.polls, self.busy)
+                self.polls, self.busy, self.cap)
 
     def poll_stats(self) -> dict[str, float]:
         """Share of empty polls and cycles (and ns) per frame in polls that found work."""

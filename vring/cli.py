@@ -37,6 +37,15 @@ def cmd_net(args: argparse.Namespace) -> int:
     dev = NetDevice(len(args.socket), mode, queues=args.queues, frame_size=args.frame_size, burst=args.burst,
                     idle_rounds=idle, cpus=parse_cpus(args.cpus) if args.cpus else None)
     server = Server(dev, args.socket, client=args.client)
+    pcap = None
+    if args.pcap:
+        from devices.capture import PcapDrain
+
+        paths = {p: args.pcap.format(port=p) for p in range(dev.nports)}
+        if len(set(paths.values())) != len(paths):
+            raise SystemExit("--pcap: with several ports the path must contain {port}")
+        pcap = PcapDrain(paths, dev.nvq, limit=args.pcap_limit)
+        dev.cap = pcap.arrays()
 
     def stop(signum, frame):
         server.stopping = True
@@ -44,6 +53,8 @@ def cmd_net(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     dev.start()  # compiles the data plane first: the socket appears only when vring is ready
+    if pcap is not None:
+        pcap.start()
     try:
         server.open()
         log.info("vring net: mode=%s ports=%d queues=%d %s", mode, dev.nports, args.queues,
@@ -52,6 +63,9 @@ def cmd_net(args: argparse.Namespace) -> int:
     finally:
         server.close()
         dev.stop()
+        if pcap is not None:
+            pcap.stop()
+            log.info("pcap: %d frames written", pcap.written)
         for p in range(dev.nports):
             c = dev.port_counters(p)
             print(f"port {p} ({args.socket[p]}): " + " ".join(f"{k}={v}" for k, v in c.items()), flush=True)
@@ -134,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--cpus", metavar="LIST", help="pin the data-plane thread to these CPUs, e.g. 1 or 0,2-3")
     n.add_argument("--idle-rounds", type=int, default=20000,
                    help="adaptive (default): empty rounds before sleeping on the kick eventfds (default 20000)")
+    n.add_argument("--pcap", metavar="FILE",
+                   help="capture each port's frames (both directions) to a pcap file; {port} in FILE is the port "
+                        "number (required with several ports)")
+    n.add_argument("--pcap-limit", type=int, default=0, metavar="N", help="stop capturing after N frames")
     n.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (default: run until a signal)")
     n.set_defaults(func=cmd_net)
 

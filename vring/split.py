@@ -89,6 +89,8 @@ def translate(regions, mem, gpa, length, out_hva, out_len, n):
                 n += 1
                 gpa += k
                 length -= k
+                if gpa == 0 and length > 0:
+                    return -BROKEN_ADDRESS  # ran past 2**64: gpa wrapped to 0
                 found = True
                 break
         if not found:
