@@ -23,15 +23,8 @@ from vring.device import Device
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import copy_bytes, cycles
 from vring.protocol import PF, F
-from vring.split import (
-    MAX_SEGS,
-    avail_count,
-    avail_head,
-    call,
-    publish_used,
-    put_used,
-    walk_chain,
-)
+from vring.ring import EMPTY, begin, call, cursor, pop, publish, put_used, rollback
+from vring.split import MAX_SEGS
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +34,10 @@ MAX_MRG = 64  # RX chains one frame may be merged over
 HDR_LEN_V1 = 12  # virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
 HDR_LEN_LEGACY = 10
 
+# IN_ORDER holds by construction: every chain is completed, in order, in the batch that popped it
 NET_FEATURES = (
     F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_INDIRECT_DESC | F.RING_EVENT_IDX | F.PROTOCOL_FEATURES | F.ANY_LAYOUT
+    | F.RING_PACKED | F.IN_ORDER
 )
 NET_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
 
@@ -76,39 +71,34 @@ def _scatter(c_hva, c_len, d_hva, d_len, nbytes):
 
 
 @njit(nogil=True, cache=True)
-def _deliver(qs, regions, dst, dstate, s_hva, s_len, ns, src_hdr, flen, sc):
+def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
     """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains.
 
-    dstate: [avail chains, chains popped this batch, used entries this batch].
-    Returns chains used (> 0), 0 for no room / too big (drop), or -BROKEN_* for a bad RX chain.
+    Returns chains used (> 0), 0 for no room / too big (drop; nothing popped), or -BROKEN_*.
     """
-    d_hva, d_len, c_hva, c_len, rx_heads, rx_caps, hdr = sc
+    d_hva, d_len, c_hva, c_len, rx_ids, rx_caps, rx_ndesc, hdr = sc
     hl = np.uint64(qs[dst]["hdr_len"])
     need = hl + flen
     mrg = qs[dst]["mrg_rxbuf"]
+    c0 = cursor(qs, dst)
     nd = 0
     nch = 0
     cap = np.uint64(0)
     while cap < need:
-        if dstate[1] + nch >= dstate[0]:
-            a = avail_count(qs, dst)  # the driver may have posted more since the batch began
-            if a < 0:
-                return a
-            dstate[0] = a
-            if dstate[1] + nch >= a:
-                return 0
-        if nch > 0 and not mrg:
-            return 0  # one buffer per frame without MRG_RXBUF: too big, drop
-        if nch >= MAX_MRG:
+        if (nch > 0 and not mrg) or nch >= MAX_MRG:
+            rollback(qs, dst, c0)  # one buffer per frame without MRG_RXBUF: too big, drop
             return 0
-        head = avail_head(qs, dst, dstate[1] + nch)
-        if head < 0:
-            return head
-        nd, ln = walk_chain(qs, dst, regions, head, 1, d_hva, d_len, nd)
-        if nd < 0:
-            return nd
-        rx_heads[nch] = head
+        m, ln, bid, ndesc = pop(qs, dst, regions, 1, d_hva, d_len, nd)
+        if m == EMPTY:
+            rollback(qs, dst, c0)
+            return 0
+        if m < 0:
+            rollback(qs, dst, c0)
+            return m
+        nd = m
+        rx_ids[nch] = bid
         rx_caps[nch] = ln
+        rx_ndesc[nch] = ndesc
         nch += 1
         cap += ln
     # virtio_net_hdr: no offloads negotiated, so flags/gso are zero; num_buffers = chains used
@@ -132,39 +122,45 @@ def _deliver(qs, regions, dst, dstate, s_hva, s_len, ns, src_hdr, flen, sc):
     rem = need
     for k in range(nch):
         used = min(rx_caps[k], rem)
-        put_used(qs, dst, dstate[2] + k, rx_heads[k], used)
+        put_used(qs, dst, rx_ids[k], used, rx_ndesc[k])
         rem -= used
     return nch
 
 
 @njit(nogil=True, cache=True)
-def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc, cap):
+def _ready(qs, q):
+    return q >= 0 and qs[q]["ready"] != 0 and qs[q]["broken"] == 0
+
+
+@njit(nogil=True, cache=True)
+def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
-    if not qs[src]["ready"] or qs[src]["broken"]:
+    if not _ready(qs, src):
         return -1
-    n = avail_count(qs, src)
+    n = begin(qs, src)
     if n < 0:
         _mark_broken(qs, counters, src, -n)
         return 0
     if n == 0:
         return 0
-    n = min(n, burst)
-    dst_ok = mode == MODE_FORWARD and dst >= 0 and qs[dst]["ready"] and not qs[dst]["broken"]
-    dstate[0] = 0
-    dstate[1] = 0
-    dstate[2] = 0
+    dst_ok = mode == MODE_FORWARD and _ready(qs, dst)
+    if dst_ok:
+        b = begin(qs, dst)
+        if b < 0:
+            _mark_broken(qs, counters, dst, -b)
+            dst_ok = False
+    dst_began = dst_ok
     done = 0
     hl = np.uint64(qs[src]["hdr_len"])
-    for i in range(n):
-        head = avail_head(qs, src, i)
-        if head < 0:
-            _mark_broken(qs, counters, src, -head)
+    capturing = cap[0][K_PORTS] != 0
+    for _ in range(burst):
+        ns, total, bid, ndesc = pop(qs, src, regions, 0, s_hva, s_len, 0)
+        if ns == EMPTY:
             break
-        ns, total = walk_chain(qs, src, regions, head, 0, s_hva, s_len, 0)
         if ns < 0:
             _mark_broken(qs, counters, src, -ns)
             break
-        put_used(qs, src, i, head, 0)
+        put_used(qs, src, bid, 0, ndesc)
         done += 1
         if total < hl:
             counters[src, C_ERRORS] += 1  # a runt without a full header: nothing to forward
@@ -172,7 +168,6 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
         flen = total - hl
         counters[src, C_PACKETS] += 1
         counters[src, C_BYTES] += flen
-        capturing = cap[0][K_PORTS] != 0
         if capturing:
             capture(cap[0], cap[1], cap[2], src, DIR_FROM_GUEST, s_hva, s_len, ns, hl, flen)
         if mode == MODE_SINK:
@@ -181,10 +176,8 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
             if dst >= 0:
                 counters[dst, C_DROPS] += 1
             continue
-        r = _deliver(qs, regions, dst, dstate, s_hva, s_len, ns, hl, flen, sc)
+        r = _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc)
         if r > 0:
-            dstate[1] += r
-            dstate[2] += r
             counters[dst, C_PACKETS] += 1
             counters[dst, C_BYTES] += flen
             if capturing:
@@ -194,57 +187,53 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
         else:
             _mark_broken(qs, counters, dst, -r)
             dst_ok = False
+    publish(qs, src)
     if done > 0:
-        publish_used(qs, src, done, done)
         call(qs, src, counters, one)
         counters[src, C_BATCHES] += 1
-    if dstate[1] > 0:
-        publish_used(qs, dst, dstate[1], dstate[2])
-        call(qs, dst, counters, one)
-        counters[dst, C_BATCHES] += 1
+    if dst_began:
+        delivered = qs[dst]["u_count"]
+        publish(qs, dst)
+        if delivered > 0:
+            call(qs, dst, counters, one)
+            counters[dst, C_BATCHES] += 1
     return done
 
 
 @njit(nogil=True, cache=True)
-def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc, cap):
+def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap):
     """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
-    if not qs[dst]["ready"] or qs[dst]["broken"]:
+    if not _ready(qs, dst):
         return -1
-    a = avail_count(qs, dst)
+    a = begin(qs, dst)
     if a < 0:
         _mark_broken(qs, counters, dst, -a)
         return 0
-    dstate[0] = a
-    dstate[1] = 0
-    dstate[2] = 0
+    if a == 0:
+        return 0
     s_hva[0] = np.uint64(frame.ctypes.data)
     s_len[0] = np.uint64(frame.shape[0])
     flen = np.uint64(frame.shape[0])
     sent = 0
     for _ in range(burst):
-        if dstate[1] >= dstate[0]:
-            break
         if frame.shape[0] >= 46:  # sequence number after the Ethernet + IPv4 + UDP headers
             seq = counters[dst, C_PACKETS]
             for b in range(4):
                 frame[42 + b] = (seq >> (8 * b)) & 0xFF
-        r = _deliver(qs, regions, dst, dstate, s_hva, s_len, 1, 0, flen, sc)
+        r = _deliver(qs, regions, dst, s_hva, s_len, 1, 0, flen, sc)
         if r > 0:
-            dstate[1] += r
-            dstate[2] += r
             counters[dst, C_PACKETS] += 1
             counters[dst, C_BYTES] += flen
             sent += 1
             if cap[0][K_PORTS] != 0:
                 capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, 1, 0, flen)
         elif r == 0:
-            counters[dst, C_DROPS] += 1
-            break
+            break  # no room: the driver hasn't posted buffers yet (not a drop: nothing was sent)
         else:
             _mark_broken(qs, counters, dst, -r)
             break
-    if dstate[1] > 0:
-        publish_used(qs, dst, dstate[1], dstate[2])
+    publish(qs, dst)
+    if sent > 0:
         call(qs, dst, counters, one)
         counters[dst, C_BATCHES] += 1
     return sent
@@ -263,7 +252,6 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
     pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    dstate = np.zeros(3, np.int64)
     sc = (
         np.zeros(MAX_SEGS, np.uint64),
         np.zeros(MAX_SEGS, np.uint64),
@@ -271,6 +259,7 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
         np.zeros(MAX_SEGS + 1, np.uint64),
         np.zeros(MAX_MRG, np.int64),
         np.zeros(MAX_MRG, np.uint64),
+        np.zeros(MAX_MRG, np.int64),
         np.zeros(16, np.uint8),
     )
     idle = 0
@@ -282,9 +271,9 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
             mode = links[li, 2]
             t0 = cycles()
             if mode == MODE_SOURCE:
-                done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, dstate, sc, cap)
+                done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap)
             else:
-                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, dstate, sc, cap)
+                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap)
             if done > 0:
                 busy[0] += cycles() - t0
                 busy[1] += done

@@ -52,6 +52,7 @@ def cmd_net(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    control = metrics = None
     dev.start()  # compiles the data plane first: the socket appears only when vring is ready
     if pcap is not None:
         pcap.start()
@@ -59,8 +60,23 @@ def cmd_net(args: argparse.Namespace) -> int:
         server.open()
         log.info("vring net: mode=%s ports=%d queues=%d %s", mode, dev.nports, args.queues,
                  "client" if args.client else "server")
+        if args.control != "none":
+            from vring.control import ControlServer, default_path
+
+            control = ControlServer(dev, server, args.control or default_path(),
+                                    meta={"sockets": args.socket, "mode": mode}).start()
+            log.info("control socket: %s (vring stats --control %s)", control.path, control.path)
+        if args.metrics:
+            from vring.metrics import serve as serve_metrics
+
+            metrics = serve_metrics(dev, server, args.metrics)
+            log.info("metrics: %s", metrics.url)
         server.serve(until=time.monotonic() + args.seconds if args.seconds else None)
     finally:
+        if control is not None:
+            control.close()
+        if metrics is not None:
+            metrics.close()
         server.close()
         dev.stop()
         if pcap is not None:
@@ -153,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "number (required with several ports)")
     n.add_argument("--pcap-limit", type=int, default=0, metavar="N", help="stop capturing after N frames")
     n.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (default: run until a signal)")
+    n.add_argument("--control", metavar="PATH",
+                   help="control socket for vring stats / vring snapshot (default /tmp/vring-<pid>.ctl, logged at "
+                        "start; 'none': no control socket)")
+    n.add_argument("--metrics", metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics on HOST:PORT (host defaults to 127.0.0.1)")
     n.set_defaults(func=cmd_net)
 
     d = sub.add_parser("demo", help="vring net + the in-tree front-end, printing live Mpps")
@@ -182,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand: each has ``register(subparsers)`` adding a parser whose
 # defaults set ``func(args) -> int``.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["vring.stats", "devices.vsock"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit
 
 from vring.ordering import fence_seq_cst, load_i64_acquire, sys_poll, sys_read
-from vring.split import avail_count, set_kicks
+from vring.ring import has_work, set_kicks
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def idle_sleep(ctrl, qs, watch, pollfds, buf):
     for i in range(watch.shape[0]):
         q = watch[i]
         if qs[q]["ready"] and not qs[q]["broken"]:
-            if avail_count(qs, q) != 0:
+            if has_work(qs, q) != 0:
                 pending = True
             if qs[q]["kick_fd"] >= 0 and n < pollfds.shape[0]:
                 pollfds[n, 0] = qs[q]["kick_fd"]

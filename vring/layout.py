@@ -65,6 +65,19 @@ QSTATE = np.dtype(
         ("hdr_len", "<u4"),  # device-specific: virtio-net header length
         ("mrg_rxbuf", "<u4"),
         ("kicks_on", "<u4"),  # 1 while we asked the driver for kicks (idle sleep)
+        ("packed", "<u4"),  # 1: packed ring (VIRTIO_F_RING_PACKED), 0: split
+        ("avail_wrap", "<u4"),  # packed: the driver's wrap counter at last_avail_idx
+        ("used_wrap", "<u4"),  # packed: our wrap counter at used_idx
+        # the batch being built (vring.ring): tentative pops and pending used elements
+        ("t_count", "<u4"),  # split: chains popped; packed: descriptors popped
+        ("t_idx", "<u4"),  # packed: position after the popped chains
+        ("t_wrap", "<u4"),
+        ("avail_cache", "<u4"),  # split: chains known available at t_count=0
+        ("u_count", "<u4"),  # used elements pending
+        ("u_idx", "<u4"),  # packed: position of the next used element
+        ("u_wrap", "<u4"),
+        ("head_flags", "<u4"),  # packed: flags of the batch's first used element, stored last
+        ("head_addr", "<u8"),
     ],
     align=True,
 )
@@ -73,6 +86,14 @@ QSTATE = np.dtype(
 C_PACKETS, C_BYTES, C_DROPS, C_CALLS, C_ERRORS, C_BATCHES = range(6)
 COUNTER_NAMES = ("packets", "bytes", "drops", "calls", "errors", "batches")
 N_COUNTERS = len(COUNTER_NAMES)
+
+
+# Packed ring (virtio 1.x §2.8)
+PACKED_DESC = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+EVENT_SUPPRESS = np.dtype([("off_wrap", "<u2"), ("flags", "<u2")])
+PACKED_DESC_F_AVAIL = 1 << 7
+PACKED_DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_DESC = 0, 1, 2
 
 
 def new_qstate(n: int) -> np.ndarray:

@@ -124,7 +124,7 @@ class Server:
             code = int(q[row]["broken"])
             if code and self._reported.get(row) != code:
                 port, index = divmod(row, self.dev.nvq)
-                reason = BROKEN_REASONS.get(code, "ring addresses outside guest memory")
+                reason = BROKEN_REASONS.get(code, "unknown")
                 log.error("port=%d vring=%d broken: %s (code %d); other queues keep running", port, index, reason,
                           code)
             self._reported[row] = code

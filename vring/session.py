@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,11 +29,11 @@ from vring.layout import (
 )
 from vring.memory import MAX_REGIONS, MemoryError_
 from vring.protocol import PF, F, ProtocolError, Req
-from vring.split import set_kicks
+from vring.ring import set_kicks
+from vring.split import BROKEN_RING_ADDRESS, BROKEN_RING_BASE
 
 log = logging.getLogger(__name__)
 
-BROKEN_RING_ADDRESS = 100  # control-plane reasons (kernel reasons are in vring.split)
 MSG_TIMEOUT_S = 5.0  # a front-end that stops mid-message is dropped, not waited on forever
 
 
@@ -83,12 +84,22 @@ class Session:
 
     # ---- I/O ----
     def _recv_exact(self, n: int) -> bytes:
+        # one deadline for the whole piece: a front-end dripping a byte now and then can't hold
+        # the control plane (every port's) for longer than MSG_TIMEOUT_S
+        deadline = time.monotonic() + MSG_TIMEOUT_S
         buf = bytearray()
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ProtocolError("connection closed mid-message", fatal=True)
-            buf += chunk
+        try:
+            while len(buf) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("front-end stopped mid-message")
+                self.sock.settimeout(left)
+                chunk = self.sock.recv(n - len(buf))
+                if not chunk:
+                    raise ProtocolError("connection closed mid-message", fatal=True)
+                buf += chunk
+        finally:
+            self.sock.settimeout(MSG_TIMEOUT_S)
         return bytes(buf)
 
     def _send(self, request: int, payload: bytes | np.ndarray) -> None:
@@ -134,6 +145,7 @@ class Session:
             if need_ack:
                 self._send(request, P.u64(1))
             return
+        log.debug("%s: %s flags=%#x size=%d fds=%d", self.name, Req(request).name, mflags, len(payload), len(fds))
         handler = getattr(self, "_" + Req(request).name.lower(), None)
         ok = True
         reply = None
@@ -165,8 +177,10 @@ class Session:
     def _sync(self, index: int) -> None:
         """Save the data plane's position of a running ring into the front-end's view."""
         row = self.dev.row(self.port, index)
-        if self.dev.qstate[row]["ready"]:
-            self.vrings[index].base = int(self.dev.qstate[row]["last_avail_idx"])
+        q = self.dev.qstate[row]
+        if q["ready"]:
+            wrap = int(q["avail_wrap"]) << 15 if q["packed"] else 0
+            self.vrings[index].base = int(q["last_avail_idx"]) | wrap
 
     def _apply(self, index: int) -> None:
         """Recompute a vring's qstate row from what the front-end said (data plane paused)."""
@@ -179,14 +193,14 @@ class Session:
         q["mem"] = self.port
         if not (v.started and v.enabled and v.num and v.addr is not None and len(self.mem)):
             return
+        packed = bool(self.features & F.RING_PACKED)
+        # packed (§2.8): descriptor ring, driver and device event suppression areas (4 bytes each)
+        parts = ((desc_bytes(v.num), DESC_ALIGN), (4, 4), (4, 4)) if packed else (
+            (desc_bytes(v.num), DESC_ALIGN), (avail_bytes(v.num), AVAIL_ALIGN), (used_bytes(v.num), USED_ALIGN))
         try:
             a = v.addr
-            for name, part, nbytes, align in (
-                ("desc", a["desc"], desc_bytes(v.num), DESC_ALIGN),
-                ("avail", a["avail"], avail_bytes(v.num), AVAIL_ALIGN),
-                ("used", a["used"], used_bytes(v.num), USED_ALIGN),
-            ):
-                part = int(part)
+            for name, (nbytes, align) in zip(("desc", "avail", "used"), parts):
+                part = int(a[name])
                 if part % align:
                     raise MemoryError_(f"{name} address {part:#x} is not {align}-aligned")
                 q[name] = self.mem.uaddr_to_hva(part, nbytes)
@@ -194,15 +208,31 @@ class Session:
             q["broken"] = BROKEN_RING_ADDRESS
             log.warning("%s: vring %d broken: %s", self.name, index, e)
             return
+        q["packed"] = int(packed)
+        if packed:
+            # base: position in bits 0-14, the driver's wrap counter in bit 15; we hold no
+            # chains across a stop, so the used position and wrap equal the avail ones
+            q["last_avail_idx"] = q["used_idx"] = v.base & 0x7FFF
+            q["avail_wrap"] = q["used_wrap"] = (v.base >> 15) & 1
+            if q["last_avail_idx"] >= v.num:
+                q["broken"] = BROKEN_RING_BASE
+                log.warning("%s: vring %d broken: packed base %#x beyond queue size %d", self.name, index, v.base,
+                            v.num)
+                return
+            self._start_common(q, row, v.num)
+            return
         used_idx = int(np.frombuffer(_at(q["used"] + 2, 2), np.uint16)[0])
         if used_idx != v.base:
             # we never hold chains across a stop, so the used index is where we are
             log.info("%s: vring %d base %d but used idx %d: resuming at %d", self.name, index, v.base, used_idx,
                      used_idx)
             v.base = used_idx
-        q["size"] = v.num
         q["last_avail_idx"] = v.base
         q["used_idx"] = v.base
+        self._start_common(q, row, v.num)
+
+    def _start_common(self, q: np.void, row: int, num: int) -> None:
+        q["size"] = num
         q["signalled_valid"] = 0
         q["event_idx"] = 1 if self.features & F.RING_EVENT_IDX else 0
         q["broken"] = 0
@@ -231,6 +261,11 @@ class Session:
         else:
             if not fds:
                 raise Failed(f"{which} fd missing")
+            if _fd_kind(fds[0]) != "anon_inode:[eventfd]":
+                raise Failed(f"{which} fd is not an eventfd ({_fd_kind(fds[0])})")
+            # The data plane must never block on it: a front-end could fill the counter of a call
+            # eventfd, or drain a kick eventfd between our poll() and read().
+            os.set_blocking(fds[0], False)
             fd = self._take_fd(fds)
         with self.dev.paused():
             self._sync(val & P.VRING_IDX_MASK)
@@ -314,6 +349,8 @@ class Session:
                 self._sync(i)
             self.mem.add(int(r["gpa"]), int(r["size"]), int(r["uaddr"]), int(r["mmap_offset"]), self._take_fd(fds))
             self._refresh_all()
+        log.info("%s: memory region added gpa=%#x size=%d MiB (%d region(s))", self.name, int(r["gpa"]),
+                 int(r["size"]) >> 20, len(self.mem))
 
     def _rem_mem_reg(self, payload, fds):
         r = P.parse(P.SINGLE_MEM_REGION, payload)["region"]
@@ -324,12 +361,15 @@ class Session:
             self._refresh_all()
         if not found:
             raise Failed(f"no region at gpa={int(r['gpa']):#x}")
+        log.info("%s: memory region removed gpa=%#x (%d left)", self.name, int(r["gpa"]), len(self.mem))
 
     def _set_vring_num(self, payload, fds):
         s = P.parse(P.VRING_STATE, payload)
         v = self._vring(int(s["index"]))
         n = int(s["num"])
-        if not (1 <= n <= MAX_QUEUE_SIZE and n & (n - 1) == 0):
+        # split rings must be a power of 2 (§2.7); packed rings any size up to 32768 (§2.8)
+        pow2 = n & (n - 1) == 0 or bool(self.features & F.RING_PACKED)
+        if not (1 <= n <= MAX_QUEUE_SIZE and pow2):
             raise Failed(f"queue size {n} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
         with self.dev.paused():
             self._sync(int(s["index"]))
@@ -417,6 +457,14 @@ class Session:
             self.reset()
             self.mem.clear()
         self.sock.close()
+
+
+def _fd_kind(fd: int) -> str:
+    """What an fd refers to, as /proc shows it ("anon_inode:[eventfd]", "/memfd:x (deleted)", ...)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        return f"unknown: {e.strerror}"
 
 
 def _at(addr: int, n: int) -> bytearray:

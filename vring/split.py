@@ -47,6 +47,8 @@ BROKEN_DIRECTION = 8
 BROKEN_TOO_MANY_SEGS = 9
 BROKEN_CHAIN_LEN = 10
 BROKEN_INDIRECT_NEXT = 11
+BROKEN_RING_ADDRESS = 100  # set by the control plane when a ring starts
+BROKEN_RING_BASE = 101
 
 BROKEN_REASONS = {
     BROKEN_AVAIL_JUMP: "avail idx moved by more than the queue size",
@@ -60,6 +62,8 @@ BROKEN_REASONS = {
     BROKEN_TOO_MANY_SEGS: "chain maps to too many memory pieces",
     BROKEN_CHAIN_LEN: "chain longer than 4 GiB",
     BROKEN_INDIRECT_NEXT: "descriptor has both INDIRECT and NEXT",
+    BROKEN_RING_ADDRESS: "ring addresses outside guest memory or misaligned",
+    BROKEN_RING_BASE: "ring base index beyond the queue size",
 }
 
 U1 = np.uint64(1)

@@ -1,0 +1,637 @@
+"""See inside the rings: pandas DataFrames of a queue's state, from a live back-end, a snapshot, or a front-end.
+
+A :class:`QueueState` is one consistent *copy* of one virtqueue: its descriptor table, its avail and
+used rings (raw bytes, reinterpreted with the layout's dtypes), the device's private indexes
+(``last_avail_idx``, ``used_idx``) and/or the driver's (``avail_idx``, ``last_used``, free list),
+counters, and the region table. Every table is computed from that copy, never from live memory,
+so a table can't change under you while you look at it.
+
+Where a copy comes from:
+
+- :func:`queue` / :func:`queues` -- a live :class:`~vring.device.Device` (in this process: the
+  control socket thread of ``vring net`` or a notebook that runs a back-end in-process). Guest
+  memory is read by slicing the region's ``mmap`` object (a bytes copy under the GIL, no buffer
+  export, no raw pointer), so inspection can never keep a mapping alive or fault on an unmapped one.
+  No lock is taken: the data plane runs on. A read is *torn* when an index moved while the ring was
+  being copied; it is detected (indexes read before and after) and retried (:class:`TornRead` after
+  ``retries`` attempts).
+- :func:`driver_queue` -- the in-tree :class:`~vring.frontend.Frontend`'s own view of one of its
+  rings (its numpy views and bookkeeping), to compare with the device's.
+- :func:`load` -- a ``.npz`` snapshot written by :func:`save` (or ``vring snapshot``).
+
+Only split rings exist today. ``QueueState.layout`` names the layout ("split"); a packed ring
+would add a "packed" reader and its own ``descriptors``/``chains`` (the descriptor ring *is* the
+avail and used ring there), keeping the method names and the common columns (``head``, ``id``,
+``addr``, ``len``, ``flags``, ``write``, ``region``) so notebooks and tools work on both.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vring.layout import (
+    COUNTER_NAMES,
+    DESC,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    USED_ELEM,
+    avail_bytes,
+    desc_bytes,
+    used_bytes,
+)
+
+SNAPSHOT_VERSION = 1
+LAYOUTS = ("split",)  # "packed": not implemented in the data plane yet
+DESC_FLAG_NAMES = ((DESC_F_NEXT, "NEXT"), (DESC_F_WRITE, "WRITE"), (DESC_F_INDIRECT, "INDIRECT"))
+RETRIES = 200
+
+
+class TornRead(RuntimeError):
+    """The ring kept changing while it was copied (``retries`` attempts)."""
+
+
+class Unmapped(RuntimeError):
+    """The queue's ring addresses aren't in mapped guest memory (not started, or memory changing)."""
+
+
+def flag_names(flags: int) -> str:
+    return "|".join(n for bit, n in DESC_FLAG_NAMES if flags & bit) or "-"
+
+
+def _pd():
+    import pandas as pd
+
+    return pd
+
+
+def _u16(x: int) -> int:
+    return int(x) & 0xFFFF
+
+
+# --------------------------------------------------------------------------------------------
+# one queue's copy
+
+
+@dataclass
+class QueueState:
+    """A consistent copy of one virtqueue and the tables computed from it.
+
+    ``dev`` holds the device's private state (``last_avail_idx``, ``used_idx``, ``ready``, ``broken``...)
+    and ``drv`` the driver's (``avail_idx``, ``last_used``, ``free``); either may be None.
+    ``regions`` is an (n, 2) array of (gpa, size) rows; ``indirect`` maps an indirect table's gpa to
+    its DESC records (what could be read).
+    """
+
+    size: int
+    desc_raw: bytes
+    avail_raw: bytes
+    used_raw: bytes
+    layout: str = "split"
+    port: int = 0
+    index: int = 0
+    dev: dict[str, int] | None = None
+    drv: dict[str, Any] | None = None
+    counters: dict[str, int] | None = None
+    regions: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
+    indirect: dict[int, np.ndarray] = field(default_factory=dict)
+    time: float = 0.0
+    attempts: int = 1
+
+    # ---- raw views of the copy ----
+    @property
+    def desc(self) -> np.ndarray:
+        return np.frombuffer(self.desc_raw, DESC, self.size)
+
+    @property
+    def avail_ring(self) -> np.ndarray:
+        return np.frombuffer(self.avail_raw, "<u2", self.size, 4)
+
+    @property
+    def used_ring(self) -> np.ndarray:
+        return np.frombuffer(self.used_raw, USED_ELEM, self.size, 4)
+
+    @property
+    def avail_flags(self) -> int:
+        return int(np.frombuffer(self.avail_raw, "<u2", 1, 0)[0])
+
+    @property
+    def avail_idx(self) -> int:
+        return int(np.frombuffer(self.avail_raw, "<u2", 1, 2)[0])
+
+    @property
+    def used_event(self) -> int:
+        return int(np.frombuffer(self.avail_raw, "<u2", 1, 4 + 2 * self.size)[0])
+
+    @property
+    def used_flags(self) -> int:
+        return int(np.frombuffer(self.used_raw, "<u2", 1, 0)[0])
+
+    @property
+    def used_idx(self) -> int:
+        return int(np.frombuffer(self.used_raw, "<u2", 1, 2)[0])
+
+    @property
+    def avail_event(self) -> int:
+        return int(np.frombuffer(self.used_raw, "<u2", 1, 4 + 8 * self.size)[0])
+
+    # ---- derived indexes ----
+    @property
+    def last_avail_idx(self) -> int | None:
+        return None if self.dev is None else _u16(self.dev["last_avail_idx"])
+
+    @property
+    def outstanding(self) -> int:
+        """Chains the driver made available and hasn't seen used yet (avail.idx - used.idx)."""
+        return _u16(self.avail_idx - self.used_idx)
+
+    @property
+    def pending(self) -> int | None:
+        """Chains available that the device hasn't popped yet (device view only)."""
+        return None if self.dev is None else _u16(self.avail_idx - self.last_avail_idx)
+
+    @property
+    def in_flight_count(self) -> int | None:
+        """Chains popped by the device and not yet in the used ring (device view only)."""
+        if self.dev is None:
+            return None
+        return _u16(self.last_avail_idx - _u16(self.dev["used_idx"]))
+
+    def indexes(self):
+        """The ring's indexes as a Series: both sides' free-running u16 indexes, slots and derived counts.
+
+        (Split rings have no wrap counters; a packed ring would add avail/used wrap counters here.)
+        """
+        pd = _pd()
+        d: dict[str, Any] = {
+            "layout": self.layout, "size": self.size,
+            "avail.flags": self.avail_flags, "avail.idx": self.avail_idx, "used_event": self.used_event,
+            "used.flags": self.used_flags, "used.idx": self.used_idx, "avail_event": self.avail_event,
+            "avail.slot": self.avail_idx % self.size, "used.slot": self.used_idx % self.size,
+            "outstanding": self.outstanding,
+        }
+        if self.dev is not None:
+            d.update({"dev.last_avail_idx": self.last_avail_idx, "dev.used_idx": _u16(self.dev["used_idx"]),
+                      "pending": self.pending, "in_flight": self.in_flight_count})
+            for k in ("ready", "broken", "event_idx", "kicks_on"):
+                if k in self.dev:
+                    d[k] = int(self.dev[k])
+        if self.drv is not None:
+            d.update({"drv.avail_idx": _u16(self.drv["avail_idx"]), "drv.last_used": _u16(self.drv["last_used"]),
+                      "drv.free": len(self.drv["free"]),
+                      "unpublished": _u16(self.drv["avail_idx"] - self.avail_idx),
+                      "unreclaimed": _u16(self.used_idx - self.drv["last_used"])})
+        return pd.Series(d, name=f"port{self.port}/vring{self.index}")
+
+    # ---- tables ----
+    def region_of(self, addr: int) -> tuple[int, int]:
+        """(region index, offset) of a guest-physical address, or (-1, -1)."""
+        for i, (gpa, size) in enumerate(self.regions):
+            if int(gpa) <= addr < int(gpa) + int(size):
+                return i, addr - int(gpa)
+        return -1, -1
+
+    def _owners(self) -> dict[int, int]:
+        """descriptor id -> head of the outstanding chain it belongs to."""
+        own: dict[int, int] = {}
+        desc = self.desc
+        for head in self.outstanding_heads():
+            d = head
+            for _ in range(self.size):
+                if d >= self.size or d in own:
+                    break
+                own[d] = head
+                fl = int(desc[d]["flags"])
+                if fl & DESC_F_INDIRECT or not fl & DESC_F_NEXT:
+                    break
+                d = int(desc[d]["next"])
+        return own
+
+    def descriptors(self):
+        """The descriptor table: one row per descriptor, with the outstanding chain it belongs to (or -1)."""
+        pd = _pd()
+        desc = self.desc
+        own = self._owners()
+        reg = [self.region_of(int(a)) for a in desc["addr"]]
+        df = pd.DataFrame({
+            "id": np.arange(self.size),
+            "addr": desc["addr"].astype(np.uint64),
+            "len": desc["len"].astype(np.int64),
+            "flags": desc["flags"].astype(np.int64),
+            "flag_names": [flag_names(int(f)) for f in desc["flags"]],
+            "next": desc["next"].astype(np.int64),
+            "region": [r for r, _ in reg],
+            "chain": [own.get(i, -1) for i in range(self.size)],
+        })
+        if self.drv is not None:
+            free = set(self.drv["free"])
+            df["free"] = [i in free for i in range(self.size)]
+        return df.set_index("id")
+
+    def _window(self, end: int) -> list[tuple[int, int, int]]:
+        """(age, idx, slot) of the last ``size`` entries before free-running index ``end``, oldest first."""
+        rows = []
+        for k in range(self.size, 0, -1):
+            idx = _u16(end - k)
+            rows.append((k, idx, idx % self.size))
+        return rows
+
+    def avail_window(self):
+        """The avail ring as the last ``size`` entries before avail.idx, oldest first, with their state:
+        ``available`` (not popped by the device), ``in_flight`` (popped, not used), ``outstanding``
+        (driver view: posted, not yet used), ``consumed``."""
+        pd = _pd()
+        ring = self.avail_ring
+        rows = []
+        for _, idx, slot in self._window(self.avail_idx):
+            if self.dev is not None:
+                if _u16(self.avail_idx - idx) <= self.pending:
+                    state = "available"
+                elif _u16(self.avail_idx - idx) <= self.pending + self.in_flight_count:
+                    state = "in_flight"
+                else:
+                    state = "consumed"
+            else:
+                state = "outstanding" if _u16(self.avail_idx - idx) <= self.outstanding else "consumed"
+            rows.append((idx, slot, int(ring[slot]), state))
+        return pd.DataFrame(rows, columns=["idx", "slot", "head", "state"])
+
+    def used_window(self):
+        """The used ring as the last ``size`` entries before used.idx, oldest first. With the driver's
+        view, ``unreclaimed`` marks entries the driver hasn't taken yet."""
+        pd = _pd()
+        ring = self.used_ring
+        rows = []
+        for _, idx, slot in self._window(self.used_idx):
+            e = ring[slot]
+            rows.append((idx, slot, int(e["id"]), int(e["len"])))
+        df = pd.DataFrame(rows, columns=["idx", "slot", "id", "len"])
+        if self.drv is not None:
+            unre = _u16(self.used_idx - self.drv["last_used"])
+            df["unreclaimed"] = [_u16(self.used_idx - i) <= unre for i in df["idx"]]
+        return df
+
+    def outstanding_heads(self) -> list[int]:
+        """Heads the driver posted and hasn't seen used yet, oldest first (avail entries [used.idx, avail.idx);
+        exact for an in-order device such as vring)."""
+        ring = self.avail_ring
+        n = self.outstanding
+        if n > self.size:
+            return []
+        return [int(ring[_u16(self.used_idx + i) % self.size]) for i in range(n)]
+
+    def in_flight(self):
+        """In-flight heads: one row per outstanding chain, with whether the device has popped it.
+
+        Device view: ``state`` is ``available`` or ``in_flight`` (popped, not used; empty between the
+        data plane's batches). Driver view: the chains whose descriptors aren't on the free list.
+        """
+        pd = _pd()
+        heads = self.outstanding_heads()
+        rows = []
+        for i, h in enumerate(heads):
+            idx = _u16(self.used_idx + i)
+            if self.dev is not None:
+                state = "in_flight" if _u16(idx - _u16(self.dev["used_idx"])) < self.in_flight_count else "available"
+            else:
+                state = "outstanding"
+            rows.append((idx, idx % self.size, h, state))
+        return pd.DataFrame(rows, columns=["idx", "slot", "head", "state"])
+
+    def driver_heads(self) -> list[int]:
+        """Driver view only: heads of the chains whose descriptors aren't free (the driver's bookkeeping)."""
+        if self.drv is None:
+            raise ValueError("no driver-side state in this copy")
+        free = set(self.drv["free"])
+        desc = self.desc
+        busy = [d for d in range(self.size) if d not in free]
+        linked = {int(desc[d]["next"]) for d in busy if int(desc[d]["flags"]) & DESC_F_NEXT}
+        return sorted(d for d in busy if d not in linked)
+
+    def chain(self, head: int) -> list[dict[str, Any]]:
+        """Decode one chain: its segments (direct, or read through an indirect table)."""
+        desc = self.desc
+        segs: list[dict[str, Any]] = []
+        d = head
+        seen = 0
+        while 0 <= d < self.size and seen < self.size:
+            e = desc[d]
+            fl = int(e["flags"])
+            if fl & DESC_F_INDIRECT:
+                tbl = self.indirect.get(int(e["addr"]))
+                if tbl is None:
+                    segs.append(self._seg(head, len(segs), d, e, False, note="indirect table not captured"))
+                else:
+                    for j in range(min(len(tbl), self.size)):
+                        t = tbl[j]
+                        segs.append(self._seg(head, len(segs), j, t, True))
+                        if not int(t["flags"]) & DESC_F_NEXT:
+                            break
+                break
+            segs.append(self._seg(head, len(segs), d, e, False))
+            if not fl & DESC_F_NEXT:
+                break
+            d = int(e["next"])
+            seen += 1
+        return segs
+
+    def _seg(self, head, i, d, e, indirect, note=""):
+        addr = int(e["addr"])
+        r, off = self.region_of(addr)
+        fl = int(e["flags"])
+        return {"head": head, "seg": i, "desc": d, "addr": addr, "len": int(e["len"]), "flags": fl,
+                "flag_names": flag_names(fl), "write": bool(fl & DESC_F_WRITE), "indirect": indirect,
+                "region": r, "offset": off, "note": note}
+
+    def chains(self, heads: list[int] | None = None):
+        """Decoded chains, one row per segment (default: every outstanding chain)."""
+        pd = _pd()
+        heads = self.outstanding_heads() if heads is None else heads
+        rows = [s for h in heads for s in self.chain(h)]
+        cols = ["head", "seg", "desc", "addr", "len", "flags", "flag_names", "write", "indirect", "region", "offset",
+                "note"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def occupancy(self) -> dict[str, float]:
+        o = {"outstanding": self.outstanding, "size": self.size, "fill": self.outstanding / self.size}
+        if self.dev is not None:
+            o["pending"] = self.pending
+        return o
+
+
+# --------------------------------------------------------------------------------------------
+# reading guest memory without exports or raw pointers
+
+
+def _hva_read(memory, hva: int, n: int) -> bytes:
+    """Copy n bytes at host address hva from one mapped region (mmap slicing: a copy, no export)."""
+    for r in list(memory.regions):
+        base = r.hva
+        if base <= hva and hva + n <= base + r.size:
+            off = r.mmap_offset + (hva - base)
+            try:
+                return r.mm[off : off + n]
+            except ValueError as e:  # closed meanwhile
+                raise Unmapped(str(e)) from None
+    raise Unmapped(f"host address {hva:#x}+{n} is not in guest memory")
+
+
+def _gpa_read(memory, gpa: int, n: int) -> bytes:
+    out = b""
+    while n > 0:
+        for r in list(memory.regions):
+            off = gpa - r.gpa
+            if 0 <= off < r.size:
+                k = min(n, r.size - off)
+                try:
+                    out += r.mm[r.mmap_offset + off : r.mmap_offset + off + k]
+                except ValueError as e:
+                    raise Unmapped(str(e)) from None
+                gpa += k
+                n -= k
+                break
+        else:
+            raise Unmapped(f"guest address {gpa:#x} is not mapped")
+    return out
+
+
+def _read_indirect(desc: np.ndarray, read) -> dict[int, np.ndarray]:
+    out: dict[int, np.ndarray] = {}
+    for e in desc[(desc["flags"] & DESC_F_INDIRECT) != 0]:
+        addr, ln = int(e["addr"]), int(e["len"])
+        if ln == 0 or ln % 16 or ln > 16 * 32768 or addr in out:
+            continue
+        try:
+            out[addr] = np.frombuffer(read(addr, ln), DESC).copy()
+        except Unmapped:
+            pass
+    return out
+
+
+def _device_indexes(q: np.void, memory) -> tuple[int, int, int, int]:
+    avail_idx = int.from_bytes(_hva_read(memory, int(q["avail"]) + 2, 2), "little")
+    used_idx = int.from_bytes(_hva_read(memory, int(q["used"]) + 2, 2), "little")
+    return avail_idx, used_idx, int(q["last_avail_idx"]), int(q["used_idx"])
+
+
+def _region_rows(table: np.ndarray) -> np.ndarray:
+    t = table[table[:, 1] != 0]
+    return t[:, :2].astype(np.uint64).copy()
+
+
+def queue(dev, port: int, index: int, retries: int = RETRIES, indirect: bool = True) -> QueueState:
+    """A consistent copy of vring ``index`` of ``port`` of a live device (no lock; torn reads retried)."""
+    row = dev.row(port, index)
+    memory = dev.memory[port]
+    last = None
+    for attempt in range(1, retries + 1):
+        q = dev.qstate[row].copy()
+        size = int(q["size"])
+        if not q["ready"] or size == 0 or not q["desc"]:
+            raise Unmapped(f"port {port} vring {index} is not started")
+        before = _device_indexes(q, memory)
+        desc_raw = _hva_read(memory, int(q["desc"]), desc_bytes(size))
+        avail_raw = _hva_read(memory, int(q["avail"]), avail_bytes(size))
+        used_raw = _hva_read(memory, int(q["used"]), used_bytes(size))
+        q2 = dev.qstate[row].copy()
+        after = _device_indexes(q2, memory)
+        cur = (before, int(q["desc"]), int(q["avail"]), int(q["used"]))
+        if before == after and (cur[1:] == (int(q2["desc"]), int(q2["avail"]), int(q2["used"]))):
+            st = QueueState(size=size, desc_raw=desc_raw, avail_raw=avail_raw, used_raw=used_raw, port=port,
+                            index=index, dev={k: int(q[k]) for k in q.dtype.names},
+                            counters={n: int(v) for n, v in zip(COUNTER_NAMES, dev.counters[row], strict=True)},
+                            regions=_region_rows(dev.regions[port]), time=time.time(), attempts=attempt)
+            # the copy must agree with itself too: indexes inside the copied rings equal those read around it
+            if st.avail_idx == before[0] and st.used_idx == before[1]:
+                if indirect:
+                    st.indirect = _read_indirect(st.desc, lambda a, n: _gpa_read(memory, a, n))
+                return st
+        last = (before, after)
+        if attempt % 16 == 0:
+            time.sleep(0)  # let the data plane finish its batch
+    raise TornRead(f"port {port} vring {index} changed during {retries} copies (last {last})")
+
+
+def ready_rows(dev) -> list[tuple[int, int]]:
+    return [divmod(r, dev.nvq) for r in range(len(dev.qstate)) if dev.qstate[r]["ready"]]
+
+
+def queues(dev, retries: int = RETRIES) -> dict[tuple[int, int], QueueState]:
+    """Copies of every started queue of a device, keyed (port, vring)."""
+    out = {}
+    for port, index in ready_rows(dev):
+        try:
+            out[(port, index)] = queue(dev, port, index, retries=retries)
+        except Unmapped:
+            pass
+    return out
+
+
+def driver_queue(fe, index: int) -> QueueState:
+    """The in-tree front-end's own view of its ring ``index`` (driver side: its views and bookkeeping)."""
+    from vring.frontend import GPA_BASE
+
+    r = fe.rings[index]
+    st = QueueState(size=r.size, desc_raw=r.desc.tobytes(), avail_raw=r.avail.tobytes(), used_raw=r.used.tobytes(),
+                    index=index, drv={"avail_idx": r.avail_idx, "last_used": r.last_used, "free": list(r.free),
+                                      "kicks": r.kicks},
+                    regions=np.array([[GPA_BASE, fe.mem_size]], np.uint64), time=time.time())
+    st.indirect = _read_indirect(st.desc, lambda a, n: fe.mem[a - GPA_BASE : a - GPA_BASE + n].tobytes())
+    return st
+
+
+# --------------------------------------------------------------------------------------------
+# per-queue counters and status
+
+
+def broken_reason(code: int) -> str:
+    if not code:
+        return ""
+    from vring.split import BROKEN_REASONS
+
+    return BROKEN_REASONS.get(code, "ring addresses outside guest memory" if code == 100 else f"code {code}")
+
+
+def _queue_rows(qstate: np.ndarray, counters: np.ndarray, nvq: int, ring_idx: dict | None = None) -> list[dict]:
+    rows = []
+    for row in range(len(qstate)):
+        q = qstate[row]
+        port, index = divmod(row, nvq)
+        d = {"port": port, "vring": index, "pair": index // 2, "dir": "rx" if index % 2 == 0 else "tx",
+             "ready": int(q["ready"]), "size": int(q["size"])}
+        d.update({n: int(v) for n, v in zip(COUNTER_NAMES, counters[row], strict=True)})
+        d["broken"] = int(q["broken"])
+        d["broken_reason"] = broken_reason(int(q["broken"]))
+        d["last_avail_idx"] = int(q["last_avail_idx"])
+        d["used_idx"] = int(q["used_idx"])
+        ai = (ring_idx or {}).get(row)
+        if ai is not None:
+            d["avail_idx"] = ai
+            d["pending"] = _u16(ai - int(q["last_avail_idx"]))
+            d["occupancy"] = d["pending"] / max(1, int(q["size"]))
+        else:
+            d["avail_idx"] = None
+            d["pending"] = None
+            d["occupancy"] = None
+        rows.append(d)
+    return rows
+
+
+def avail_indexes(dev, retries: int = 50) -> dict[int, int]:
+    """The avail.idx of every started ring, read from guest memory (a row is left out while unmapped)."""
+    out = {}
+    for row in range(len(dev.qstate)):
+        for _ in range(retries):
+            q = dev.qstate[row].copy()
+            if not q["ready"] or not q["avail"]:
+                break
+            try:
+                ai = int.from_bytes(_hva_read(dev.memory[row // dev.nvq], int(q["avail"]) + 2, 2), "little")
+            except Unmapped:
+                break
+            if dev.qstate[row]["avail"] == q["avail"] and dev.qstate[row]["ready"]:
+                out[row] = ai
+                break
+    return out
+
+
+def counters(dev):
+    """Per-queue counters and status of a live device as a DataFrame (one row per vring)."""
+    pd = _pd()
+    return pd.DataFrame(_queue_rows(dev.qstate.copy(), dev.counters.copy(), dev.nvq, avail_indexes(dev)))
+
+
+# --------------------------------------------------------------------------------------------
+# snapshots
+
+
+def snapshot_arrays(dev, meta: dict | None = None, retries: int = RETRIES) -> dict[str, np.ndarray]:
+    """Everything about a device's rings as named arrays (what :func:`save` writes)."""
+    arrays: dict[str, np.ndarray] = {
+        "qstate": dev.qstate.copy(),
+        "counters": dev.counters.copy(),
+        "regions": dev.regions.copy(),
+    }
+    states = {}
+    skipped = {}
+    for port, index in ready_rows(dev):
+        try:
+            states[dev.row(port, index)] = queue(dev, port, index, retries=retries)
+        except (Unmapped, TornRead) as e:
+            skipped[dev.row(port, index)] = f"{type(e).__name__}: {e}"
+    for row, st in states.items():
+        arrays[f"q{row}_desc"] = np.frombuffer(st.desc_raw, np.uint8)
+        arrays[f"q{row}_avail"] = np.frombuffer(st.avail_raw, np.uint8)
+        arrays[f"q{row}_used"] = np.frombuffer(st.used_raw, np.uint8)
+        arrays[f"q{row}_qstate"] = np.array([tuple(st.dev[k] for k in dev.qstate.dtype.names)], dev.qstate.dtype)
+        arrays[f"q{row}_counters"] = np.array([st.counters[n] for n in COUNTER_NAMES], np.uint64)
+        if st.indirect:
+            addrs = sorted(st.indirect)
+            arrays[f"q{row}_ind_addr"] = np.array(addrs, np.uint64)
+            arrays[f"q{row}_ind_count"] = np.array([len(st.indirect[a]) for a in addrs], np.int64)
+            arrays[f"q{row}_ind_desc"] = np.concatenate([st.indirect[a] for a in addrs])
+    m = {"version": SNAPSHOT_VERSION, "layout": "split", "nports": dev.nports, "nvq": dev.nvq,
+         "kind": getattr(dev, "kind", "device"), "time": time.time(), "pid": os.getpid(),
+         "queues": sorted(states), "skipped": skipped}
+    m.update(meta or {})
+    arrays["meta"] = np.array(json.dumps(m))
+    return arrays
+
+
+def save(dev, path: str, meta: dict | None = None) -> str:
+    """Write a snapshot of a live device to ``path`` (.npz)."""
+    np.savez_compressed(path, **snapshot_arrays(dev, meta))
+    return path
+
+
+class Snapshot:
+    """A saved ``.npz`` snapshot: ``meta``, ``counters()`` and ``queue(port, vring)`` as from a live device."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.meta = json.loads(str(arrays["meta"]))
+        if self.meta.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"snapshot version {self.meta.get('version')} (this vring reads {SNAPSHOT_VERSION})")
+        self.nvq = int(self.meta["nvq"])
+        self.qstate = arrays["qstate"]
+
+    def rows(self) -> list[tuple[int, int]]:
+        return [divmod(r, self.nvq) for r in self.meta["queues"]]
+
+    def queue(self, port: int, index: int) -> QueueState:
+        row = port * self.nvq + index
+        a = self.arrays
+        if f"q{row}_desc" not in a:
+            raise KeyError(f"port {port} vring {index} is not in this snapshot (not started)")
+        q = a[f"q{row}_qstate"][0]
+        st = QueueState(size=int(q["size"]), desc_raw=a[f"q{row}_desc"].tobytes(),
+                        avail_raw=a[f"q{row}_avail"].tobytes(), used_raw=a[f"q{row}_used"].tobytes(),
+                        layout=self.meta.get("layout", "split"), port=port, index=index,
+                        dev={k: int(q[k]) for k in q.dtype.names},
+                        counters={n: int(v) for n, v in zip(COUNTER_NAMES, a[f"q{row}_counters"], strict=True)},
+                        regions=_region_rows(a["regions"][port]), time=float(self.meta["time"]))
+        if f"q{row}_ind_addr" in a:
+            desc = a[f"q{row}_ind_desc"]
+            start = 0
+            for addr, n in zip(a[f"q{row}_ind_addr"], a[f"q{row}_ind_count"], strict=True):
+                st.indirect[int(addr)] = desc[start : start + int(n)]
+                start += int(n)
+        return st
+
+    def counters(self):
+        pd = _pd()
+        ring_idx = {}
+        for row in self.meta["queues"]:
+            ring_idx[row] = int(np.frombuffer(self.arrays[f"q{row}_avail"].tobytes(), "<u2", 1, 2)[0])
+        return pd.DataFrame(_queue_rows(self.qstate, self.arrays["counters"], self.nvq, ring_idx))
+
+
+def load(path_or_file) -> Snapshot:
+    """Read a snapshot written by :func:`save` / ``vring snapshot``."""
+    with np.load(path_or_file, allow_pickle=False) as z:
+        return Snapshot({k: z[k] for k in z.files})

@@ -1,0 +1,220 @@
+"""Packed virtqueue kernels (virtio 1.x §2.8): pop chains, publish used elements, notify.
+
+Threat model as in vring.split: descriptors are written by an untrusted driver concurrently
+with us; each field is read once; chains are bounded by the queue size (and indirect tables
+by MAX_INDIRECT); every buffer address goes through the region table. Buffer ids are echoed
+back, never used as indexes. Violations return negative BROKEN_* codes.
+
+Positions and wrap counters: ``last_avail_idx``/``avail_wrap`` is where the next available
+chain starts; ``used_idx``/``used_wrap`` is where the next used element goes. A batch pops
+chains (t_idx/t_wrap advance), writes used elements (u_idx/u_wrap advance by each chain's
+descriptor count) and publishes: ids and lengths first, then flags, and the first element's
+flags last of all, so the driver sees the batch whole (§2.8.21 in-order batching).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from vring.layout import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+)
+from vring.ordering import (
+    fence_seq_cst,
+    load_u16,
+    load_u16_acquire,
+    load_u32,
+    load_u64,
+    store_u16,
+    store_u16_release,
+    store_u32,
+)
+from vring.split import (
+    BROKEN_ADDRESS,
+    BROKEN_CHAIN_LEN,
+    BROKEN_CHAIN_LOOP,
+    BROKEN_DIRECTION,
+    BROKEN_INDIRECT_LEN,
+    BROKEN_INDIRECT_NEXT,
+    BROKEN_INDIRECT_NESTED,
+    MAX_INDIRECT,
+    translate,
+    translate_one,
+)
+
+EMPTY = -1000  # no chain available (not an error)
+
+
+@njit(nogil=True, cache=True)
+def is_avail(qs, q, idx, wrap):
+    """Whether the descriptor at idx is available for the driver wrap counter ``wrap`` (§2.8.1)."""
+    fl = load_u16_acquire(qs[q]["desc"] + np.uint64(16 * idx + 14))
+    a = (fl & PACKED_DESC_F_AVAIL) != 0
+    u = (fl & PACKED_DESC_F_USED) != 0
+    return a == (wrap != 0) and u != (wrap != 0)
+
+
+@njit(nogil=True, cache=True)
+def _walk_indirect(qs, q, regions, addr, ln, writable, seg_hva, seg_len, n, total):
+    """Map every entry of an indirect table (packed layout, used in order)."""
+    mem = qs[q]["mem"]
+    if ln == 0 or ln % 16 != 0 or ln // 16 > MAX_INDIRECT:
+        return -BROKEN_INDIRECT_LEN, total
+    t = translate_one(regions, mem, addr, ln)
+    if t == 0:
+        return -BROKEN_ADDRESS, total
+    for i in range(ln // 16):
+        d = t + np.uint64(16 * i)
+        a = load_u64(d)
+        ll = np.uint64(load_u32(d + np.uint64(8)))
+        fl = load_u16(d + np.uint64(14))
+        if fl & DESC_F_INDIRECT:
+            return -BROKEN_INDIRECT_NESTED, total
+        if ((fl & DESC_F_WRITE) != 0) != (writable != 0):
+            return -BROKEN_DIRECTION, total
+        if ll > 0:
+            n = translate(regions, mem, a, ll, seg_hva, seg_len, n)
+            if n < 0:
+                return n, total
+            total += ll
+            if total > np.uint64(0xFFFFFFFF):
+                return -BROKEN_CHAIN_LEN, total
+    return n, total
+
+
+@njit(nogil=True, cache=True)
+def pop(qs, q, regions, writable, seg_hva, seg_len, n):
+    """Map the next available chain into seg_*[n:]: (new n, total bytes, buffer id, descriptors),
+    or (EMPTY, ...) when none is available, or (-BROKEN_*, ...)."""
+    size = np.int64(qs[q]["size"])
+    idx = np.int64(qs[q]["t_idx"])
+    wrap = np.int64(qs[q]["t_wrap"])
+    if not is_avail(qs, q, idx, wrap):
+        return EMPTY, np.uint64(0), 0, 0
+    mem = qs[q]["mem"]
+    total = np.uint64(0)
+    ndesc = 0
+    buf_id = 0
+    while True:
+        if ndesc >= size:
+            return -BROKEN_CHAIN_LOOP, total, 0, 0  # a chain never exceeds the queue size
+        d = qs[q]["desc"] + np.uint64(16 * idx)
+        addr = load_u64(d)
+        ln = np.uint64(load_u32(d + np.uint64(8)))
+        buf_id = np.int64(load_u16(d + np.uint64(12)))
+        fl = load_u16(d + np.uint64(14))
+        ndesc += 1
+        idx += 1
+        if idx == size:
+            idx = 0
+            wrap ^= 1
+        if fl & DESC_F_INDIRECT:
+            if fl & DESC_F_NEXT:
+                return -BROKEN_INDIRECT_NEXT, total, 0, 0
+            n, total = _walk_indirect(qs, q, regions, addr, ln, writable, seg_hva, seg_len, n, total)
+            if n < 0:
+                return n, total, 0, 0
+        else:
+            if ((fl & DESC_F_WRITE) != 0) != (writable != 0):
+                return -BROKEN_DIRECTION, total, 0, 0
+            if ln > 0:
+                n = translate(regions, mem, addr, ln, seg_hva, seg_len, n)
+                if n < 0:
+                    return n, total, 0, 0
+                total += ln
+                if total > np.uint64(0xFFFFFFFF):
+                    return -BROKEN_CHAIN_LEN, total, 0, 0
+        if not (fl & DESC_F_NEXT):
+            break
+    qs[q]["t_idx"] = idx
+    qs[q]["t_wrap"] = wrap
+    qs[q]["t_count"] += ndesc
+    return n, total, buf_id, ndesc
+
+
+@njit(nogil=True, cache=True)
+def begin(qs, q):
+    qs[q]["t_idx"] = qs[q]["last_avail_idx"]
+    qs[q]["t_wrap"] = qs[q]["avail_wrap"]
+    qs[q]["t_count"] = 0
+    qs[q]["u_idx"] = qs[q]["used_idx"]
+    qs[q]["u_wrap"] = qs[q]["used_wrap"]
+    qs[q]["u_count"] = 0
+    return 1 if is_avail(qs, q, np.int64(qs[q]["last_avail_idx"]), np.int64(qs[q]["avail_wrap"])) else 0
+
+
+@njit(nogil=True, cache=True)
+def put_used(qs, q, buf_id, length, ndesc):
+    """Write one used element at the next used position; the batch's first flags are deferred."""
+    size = np.int64(qs[q]["size"])
+    idx = np.int64(qs[q]["u_idx"])
+    wrap = np.int64(qs[q]["u_wrap"])
+    d = qs[q]["desc"] + np.uint64(16 * idx)
+    store_u32(d + np.uint64(8), np.uint32(length))
+    store_u16(d + np.uint64(12), np.uint16(buf_id))
+    flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if wrap else 0
+    if qs[q]["u_count"] == 0:
+        qs[q]["head_addr"] = d + np.uint64(14)
+        qs[q]["head_flags"] = flags
+    else:
+        store_u16_release(d + np.uint64(14), np.uint16(flags))  # after this element's id and len
+    qs[q]["u_count"] += 1
+    idx += ndesc
+    if idx >= size:
+        idx -= size
+        wrap ^= 1
+    qs[q]["u_idx"] = idx
+    qs[q]["u_wrap"] = wrap
+
+
+@njit(nogil=True, cache=True)
+def publish(qs, q):
+    """Commit the batch's pops and make its used elements visible (head flags last)."""
+    if qs[q]["u_count"] > 0:
+        store_u16_release(qs[q]["head_addr"], np.uint16(qs[q]["head_flags"]))
+        qs[q]["used_idx"] = qs[q]["u_idx"]
+        qs[q]["used_wrap"] = qs[q]["u_wrap"]
+    qs[q]["last_avail_idx"] = qs[q]["t_idx"]
+    qs[q]["avail_wrap"] = qs[q]["t_wrap"]
+    qs[q]["t_count"] = 0
+    qs[q]["u_count"] = 0
+
+
+@njit(nogil=True, cache=True)
+def need_call(qs, q):
+    """Driver event suppression (§2.8.10): enable, disable, or a descriptor event with EVENT_IDX."""
+    fence_seq_cst()  # our used flags before the driver's event structure
+    area = qs[q]["avail"]  # the driver event suppression area
+    flags = load_u16_acquire(area + np.uint64(2)) & 3
+    if flags == RING_EVENT_FLAGS_DISABLE:
+        return False
+    if flags != RING_EVENT_FLAGS_DESC or not qs[q]["event_idx"]:
+        return True
+    size = np.int64(qs[q]["size"])
+    new = np.int64(qs[q]["used_idx"])
+    old = np.int64(qs[q]["signalled_used"])
+    valid = qs[q]["signalled_valid"]
+    qs[q]["signalled_used"] = new
+    qs[q]["signalled_valid"] = 1
+    if not valid:
+        return True
+    off_wrap = np.int64(load_u16_acquire(area))
+    off = off_wrap & 0x7FFF
+    if new <= old:
+        old -= size
+    if np.int64(qs[q]["used_wrap"]) != (off_wrap >> 15):
+        off -= size
+    return ((new - off - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+@njit(nogil=True, cache=True)
+def set_kicks(qs, q, on):
+    """Device event suppression (§2.8.10): ask the driver to notify us, or not."""
+    store_u16(qs[q]["used"] + np.uint64(2), np.uint16(0 if on else RING_EVENT_FLAGS_DISABLE))
+    qs[q]["kicks_on"] = 1 if on else 0

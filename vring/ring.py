@@ -1,0 +1,113 @@
+"""One interface over both ring formats, so devices never branch on split vs packed.
+
+A batch on a queue: ``begin`` → ``pop`` chains (``cursor``/``rollback`` to undo tentative
+pops) → ``put_used`` for each → ``publish``; then ``call`` if the driver wants an interrupt.
+Each function dispatches on the queue's ``packed`` field to vring.split or vring.packed.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from vring import packed as P
+from vring import split as S
+from vring.layout import C_CALLS
+from vring.ordering import sys_write
+
+EMPTY = P.EMPTY
+
+
+@njit(nogil=True, cache=True)
+def begin(qs, q):
+    """Start a batch; returns a hint of how many chains are available (>0), 0, or -BROKEN_*."""
+    if qs[q]["packed"]:
+        return P.begin(qs, q)
+    n = S.avail_count(qs, q)
+    qs[q]["t_count"] = 0
+    qs[q]["u_count"] = 0
+    qs[q]["avail_cache"] = max(n, 0)
+    return n
+
+
+@njit(nogil=True, cache=True)
+def pop(qs, q, regions, writable, seg_hva, seg_len, n):
+    """The next chain mapped into seg_*[n:]: (new n, total bytes, id, descriptors), (EMPTY, ...) or (-BROKEN_*, ...)."""
+    if qs[q]["packed"]:
+        return P.pop(qs, q, regions, writable, seg_hva, seg_len, n)
+    t = np.int64(qs[q]["t_count"])
+    if t >= np.int64(qs[q]["avail_cache"]):
+        a = S.avail_count(qs, q)  # the driver may have added chains since the batch began
+        if a < 0:
+            return a, np.uint64(0), 0, 0
+        qs[q]["avail_cache"] = a
+        if t >= a:
+            return EMPTY, np.uint64(0), 0, 0
+    head = S.avail_head(qs, q, t)
+    if head < 0:
+        return head, np.uint64(0), 0, 0
+    m, total = S.walk_chain(qs, q, regions, head, writable, seg_hva, seg_len, n)
+    if m < 0:
+        return m, total, 0, 0
+    qs[q]["t_count"] = t + 1
+    return m, total, head, 1
+
+
+@njit(nogil=True, cache=True)
+def cursor(qs, q):
+    """The tentative pop position, for ``rollback``."""
+    return (np.int64(qs[q]["t_count"]) << 17) | (np.int64(qs[q]["t_wrap"]) << 16) | np.int64(qs[q]["t_idx"])
+
+
+@njit(nogil=True, cache=True)
+def rollback(qs, q, c):
+    qs[q]["t_count"] = c >> 17
+    qs[q]["t_wrap"] = (c >> 16) & 1
+    qs[q]["t_idx"] = c & 0xFFFF
+
+
+@njit(nogil=True, cache=True)
+def put_used(qs, q, buf_id, length, ndesc):
+    if qs[q]["packed"]:
+        P.put_used(qs, q, buf_id, length, ndesc)
+    else:
+        S.put_used(qs, q, qs[q]["u_count"], buf_id, length)
+        qs[q]["u_count"] += 1
+
+
+@njit(nogil=True, cache=True)
+def publish(qs, q):
+    """Commit the batch: pops consumed, used elements visible to the driver."""
+    if qs[q]["packed"]:
+        P.publish(qs, q)
+    else:
+        S.publish_used(qs, q, qs[q]["t_count"], qs[q]["u_count"])
+        qs[q]["t_count"] = 0
+        qs[q]["u_count"] = 0
+        qs[q]["avail_cache"] = 0
+
+
+@njit(nogil=True, cache=True)
+def call(qs, q, counters, one):
+    """Signal the driver through the call eventfd if it wants it."""
+    want = P.need_call(qs, q) if qs[q]["packed"] else S.need_call(qs, q)
+    if want:
+        fd = qs[q]["call_fd"]
+        if fd >= 0:
+            sys_write(np.int32(fd), np.uint64(one.ctypes.data), np.uint64(8))
+            counters[q, C_CALLS] += 1
+
+
+@njit(nogil=True, cache=True)
+def set_kicks(qs, q, on):
+    if qs[q]["packed"]:
+        P.set_kicks(qs, q, on)
+    else:
+        S.set_kicks(qs, q, on)
+
+
+@njit(nogil=True, cache=True)
+def has_work(qs, q):
+    """Whether a chain is available (for the idle check); -BROKEN_* if the ring is broken."""
+    if qs[q]["packed"]:
+        return 1 if P.is_avail(qs, q, np.int64(qs[q]["last_avail_idx"]), np.int64(qs[q]["avail_wrap"])) else 0
+    return S.avail_count(qs, q)
