@@ -31,7 +31,9 @@ import numpy as np
 import pytest
 from numba import njit
 
-from devices.net import MAX_MRG, MODE_FORWARD, _deliver, _forward_batch, _scatter
+from devices.capture import empty as no_capture
+from devices.net import MODE_FORWARD, _deliver, _forward_batch, _scatter, new_scratch
+from vring.ring import begin, publish
 from devices.net import test_frame as make_frame
 from vring.frontend import GPA_BASE, NET_HDR, Frontend
 from vring.layout import AVAIL_F_NO_INTERRUPT, C_CALLS, C_DROPS, C_ERRORS, C_PACKETS, DESC_F_WRITE, N_COUNTERS, new_qstate
@@ -196,35 +198,22 @@ def deliver_rounds(qs, regions, rounds, batch, src_base, qsize, flen):
     ``sc`` is the scratch tuple net_loop builds, built the same way here."""
     s_hva = np.zeros(1, np.uint64)
     s_len = np.zeros(1, np.uint64)
-    dstate = np.zeros(3, np.int64)
-    sc = (
-        np.zeros(MAX_SEGS, np.uint64),
-        np.zeros(MAX_SEGS, np.uint64),
-        np.zeros(MAX_SEGS + 1, np.uint64),
-        np.zeros(MAX_SEGS + 1, np.uint64),
-        np.zeros(MAX_MRG, np.int64),
-        np.zeros(MAX_MRG, np.uint64),
-        np.zeros(16, np.uint8),
-    )
+    sc = new_scratch()
     hl = np.uint64(qs[RX]["hdr_len"])
     s_len[0] = hl + flen
     k = 0
     out = 0
     for _ in range(rounds):
         _driver_post(qs, RX, qsize)  # every RX buffer the device gave back is posted again
-        dstate[0] = 0
-        dstate[1] = 0
-        dstate[2] = 0
+        begin(qs, RX)
         for _i in range(batch):
             s_hva[0] = src_base + np.uint64(k & (qsize - 1)) * np.uint64(2048)
             k += 1
-            r = _deliver(qs, regions, RX, dstate, s_hva, s_len, 1, hl, flen, sc)
+            r = _deliver(qs, regions, RX, s_hva, s_len, 1, hl, flen, sc)
             if r <= 0:
                 return -1
-            dstate[1] += r
-            dstate[2] += r
             out += 1
-        publish_used(qs, RX, dstate[1], dstate[2])
+        publish(qs, RX)
     return out
 
 
@@ -234,21 +223,13 @@ def forward_rounds(qs, counters, regions, rounds, batch, qsize):
     one = np.ones(1, np.uint64)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    dstate = np.zeros(3, np.int64)
-    sc = (
-        np.zeros(MAX_SEGS, np.uint64),
-        np.zeros(MAX_SEGS, np.uint64),
-        np.zeros(MAX_SEGS + 1, np.uint64),
-        np.zeros(MAX_SEGS + 1, np.uint64),
-        np.zeros(MAX_MRG, np.int64),
-        np.zeros(MAX_MRG, np.uint64),
-        np.zeros(16, np.uint8),
-    )
+    sc = new_scratch()
+    cap = no_capture()
     out = 0
     for _ in range(rounds):
         _driver_post(qs, TX, batch)
         _driver_post(qs, RX, qsize)
-        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, dstate, sc)
+        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, cap)
         if done != batch:
             return -1
         out += done

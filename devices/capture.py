@@ -17,6 +17,7 @@ import time
 import numpy as np
 from numba import njit
 
+from vring.jit import kernel
 from vring.ordering import copy_bytes, cycles, load_i64_acquire, store_i64_release
 from vring.ordering_calibrate import ns_per_cycle
 
@@ -34,12 +35,13 @@ REC_PORT, REC_DIR, REC_CAPLEN, REC_LEN, REC_CYCLES, REC_OFF = range(6)
 DIR_FROM_GUEST, DIR_TO_GUEST = 0, 1
 
 
-def empty() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@njit(cache=True)
+def empty():
     """The capture arrays with capture off (what the data plane gets when --pcap isn't used)."""
     return np.zeros(CTL_SIZE, np.int64), np.zeros(1, np.uint8), np.zeros((1, 6), np.int64)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def capture(ctl, buf, rec, row, direction, hva, lens, n, skip, flen):
     """Copy one frame (pieces hva/lens[:n], after ``skip`` header bytes) into the capture ring."""
     port = row // ctl[K_NVQ]

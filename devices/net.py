@@ -20,6 +20,7 @@ from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
 from devices.capture import empty as no_capture
 from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep, running
 from vring.device import Device
+from vring.jit import kernel
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import copy_bytes, cycles
 from vring.protocol import PF, F
@@ -42,14 +43,14 @@ NET_FEATURES = (
 NET_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _mark_broken(qs, counters, q, code):
     if not qs[q]["broken"]:
         qs[q]["broken"] = code
     counters[q, C_ERRORS] += 1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _scatter(c_hva, c_len, d_hva, d_len, nbytes):
     """Copy nbytes from source pieces to destination pieces (both long enough)."""
     si = 0
@@ -71,6 +72,21 @@ def _scatter(c_hva, c_len, d_hva, d_len, nbytes):
 
 
 @njit(nogil=True, cache=True)
+def new_scratch():
+    """Per-loop scratch for ``_deliver``: RX pieces, source pieces, RX chains of one frame, header."""
+    return (
+        np.zeros(MAX_SEGS, np.uint64),
+        np.zeros(MAX_SEGS, np.uint64),
+        np.zeros(MAX_SEGS + 1, np.uint64),
+        np.zeros(MAX_SEGS + 1, np.uint64),
+        np.zeros(MAX_MRG, np.int64),
+        np.zeros(MAX_MRG, np.uint64),
+        np.zeros(MAX_MRG, np.int64),
+        np.zeros(16, np.uint8),
+    )
+
+
+@kernel
 def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
     """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains.
 
@@ -127,12 +143,12 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
     return nch
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _ready(qs, q):
     return q >= 0 and qs[q]["ready"] != 0 and qs[q]["broken"] == 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
     if not _ready(qs, src):
@@ -200,7 +216,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
     return done
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap):
     """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
     if not _ready(qs, dst):
@@ -252,16 +268,7 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
     pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = (
-        np.zeros(MAX_SEGS, np.uint64),
-        np.zeros(MAX_SEGS, np.uint64),
-        np.zeros(MAX_SEGS + 1, np.uint64),
-        np.zeros(MAX_SEGS + 1, np.uint64),
-        np.zeros(MAX_MRG, np.int64),
-        np.zeros(MAX_MRG, np.uint64),
-        np.zeros(MAX_MRG, np.int64),
-        np.zeros(16, np.uint8),
-    )
+    sc = new_scratch()
     idle = 0
     while running(ctrl):
         work = 0

@@ -129,9 +129,30 @@ class VmConfig:
 class Conn:
     """One stream between a host unix socket and a guest vsock socket."""
 
-    __slots__ = ("vm", "sock", "state", "local", "peer", "type", "buf_alloc", "fwd_cnt", "fwd_sent",
-                 "peer_buf_alloc", "peer_fwd_cnt", "rx_cnt", "pending", "host_eof", "guest_shut_send",
-                 "guest_shut_rcv", "queued", "events", "deadline", "closed", "credit_asked", "update_queued")
+    __slots__ = (
+        "buf_alloc",
+        "closed",
+        "credit_asked",
+        "deadline",
+        "events",
+        "fwd_cnt",
+        "fwd_sent",
+        "guest_shut_rcv",
+        "guest_shut_send",
+        "host_eof",
+        "local",
+        "peer",
+        "peer_buf_alloc",
+        "peer_fwd_cnt",
+        "pending",
+        "queued",
+        "rx_cnt",
+        "sock",
+        "state",
+        "type",
+        "update_queued",
+        "vm",
+    )
 
     def __init__(self, vm: Vm, sock: socket.socket, state: str):
         self.vm = vm
@@ -417,7 +438,8 @@ class VsockDevice(Device):
         key = (dst_port, src_port)
         conn = vm.conns.get(key)
         if bad is not None:
-            c[vm.tx, C_ERRORS] += 1
+            if bad != "dst_cid":  # a CID outside our groups is a refusal, not a driver error
+                c[vm.tx, C_ERRORS] += 1
             vm.stats[f"bad_{bad}"] += 1
             if conn is not None:
                 self._close(conn, rst=True)
@@ -434,6 +456,7 @@ class VsockDevice(Device):
         if conn is None or conn.state == HANDSHAKE:
             if op != OP_RST:
                 vm.stats["no_connection"] += 1
+                log.debug("vm cid=%d: op %d for no connection %d->%d", vm.cid, op, src_port, dst_port)
                 self._rst_reply(vm, dst_cid, dst_port, src_port, typ)
             return
         if typ != conn.type:

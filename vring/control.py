@@ -52,7 +52,7 @@ def sample(dev, server=None, extra: dict | None = None) -> dict[str, Any]:
     from vring import inspect as vi
 
     t = time.monotonic()
-    rows = vi._queue_rows(dev.qstate.copy(), dev.counters.copy(), dev.nvq, vi.avail_indexes(dev))
+    rows = vi._queue_rows(dev.qstate.copy(), dev.counters.copy(), dev.nvq, vi.ring_positions(dev))
     ports = []
     for p in range(dev.nports):
         d: dict[str, Any] = {"port": p}

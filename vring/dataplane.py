@@ -15,8 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from numba import njit
 
+from vring.jit import kernel
 from vring.ordering import fence_seq_cst, load_i64_acquire, sys_poll, sys_read
 from vring.ring import has_work, set_kicks
 
@@ -29,13 +29,13 @@ RUN, PAUSE = 1, 0
 POLLIN = 1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def running(ctrl):
     """Whether the control plane still wants the loop to run (an acquire load: never hoisted)."""
     return load_i64_acquire(np.uint64(ctrl.ctypes.data) + np.uint64(8 * CMD)) == RUN
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def idle_sleep(ctrl, qs, watch, pollfds, buf):
     """Turn kicks on for the watched queues, re-check them, and sleep in poll(2) until a kick,
     a control-plane wake-up or the timeout; then turn kicks off again (we are polling)."""

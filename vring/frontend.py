@@ -264,6 +264,9 @@ class Frontend:
         if self.features & F.PROTOCOL_FEATURES:
             for r in self.rings:
                 self._set(Req.SET_VRING_ENABLE, P.record(P.VRING_STATE, index=r.index, num=1))
+        if self.protocol_features & PF.STATUS:
+            # ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK: DPDK's back-end starts the device only now
+            self._set(Req.SET_STATUS, P.u64(0xF))
 
     def get_vring_base(self, index: int) -> int:
         body = self.call(Req.GET_VRING_BASE, P.record(P.VRING_STATE, index=index))

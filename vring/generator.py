@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from vring.frontend import NET_HDR, Frontend
+from vring.jit import kernel
 from vring.layout import DESC_F_WRITE, USED_F_NO_NOTIFY
 from vring.ordering import (
     fence_seq_cst,
@@ -39,7 +40,7 @@ S_PACKETS, S_BYTES, S_KICKS, S_FULL = range(4)
 MODES = ("txonly", "rxonly", "flowgen")
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _reclaim(rings, free, stats, r):
     """Collect used entries of ring r; returns entries reclaimed."""
     used = np.uint64(rings[r, R_USED])
@@ -72,7 +73,7 @@ def _reclaim(rings, free, stats, r):
     return n
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _post(rings, free, stats, r, burst, one):
     """Post up to ``burst`` buffers on ring r and kick if the back-end wants it."""
     size = rings[r, R_SIZE]

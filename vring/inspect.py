@@ -19,10 +19,13 @@ Where a copy comes from:
   rings (its numpy views and bookkeeping), to compare with the device's.
 - :func:`load` -- a ``.npz`` snapshot written by :func:`save` (or ``vring snapshot``).
 
-Only split rings exist today. ``QueueState.layout`` names the layout ("split"); a packed ring
-would add a "packed" reader and its own ``descriptors``/``chains`` (the descriptor ring *is* the
-avail and used ring there), keeping the method names and the common columns (``head``, ``id``,
-``addr``, ``len``, ``flags``, ``write``, ``region``) so notebooks and tools work on both.
+Split and packed rings: ``QueueState`` is a split ring, :class:`PackedQueueState` a packed one
+(``layout`` says which). They share method names (``indexes``, ``descriptors``, ``avail_window``,
+``used_window``, ``chains``, ``in_flight``, ``outstanding_heads``) and the common columns (``head``,
+``addr``, ``len``, ``flags``, ``flag_names``, ``write``, ``region``), so notebooks and tools work on
+both. In a packed ring the descriptor ring *is* the avail and used ring: the "windows" are the
+available chains from the device's position and the used elements before its used position, and
+a chain is named by its first slot (``head``) and the buffer id it carries (``id``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,12 @@ from vring.layout import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    PACKED_DESC,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
     USED_ELEM,
     avail_bytes,
     desc_bytes,
@@ -47,8 +56,11 @@ from vring.layout import (
 )
 
 SNAPSHOT_VERSION = 1
-LAYOUTS = ("split",)  # "packed": not implemented in the data plane yet
-DESC_FLAG_NAMES = ((DESC_F_NEXT, "NEXT"), (DESC_F_WRITE, "WRITE"), (DESC_F_INDIRECT, "INDIRECT"))
+LAYOUTS = ("split", "packed")
+DESC_FLAG_NAMES = ((DESC_F_NEXT, "NEXT"), (DESC_F_WRITE, "WRITE"), (DESC_F_INDIRECT, "INDIRECT"),
+                   (PACKED_DESC_F_AVAIL, "AVAIL"), (PACKED_DESC_F_USED, "USED"))
+EVENT_FLAG_NAMES = {RING_EVENT_FLAGS_ENABLE: "enable", RING_EVENT_FLAGS_DISABLE: "disable",
+                    RING_EVENT_FLAGS_DESC: "desc"}
 RETRIES = 200
 
 
@@ -364,6 +376,229 @@ class QueueState:
         return o
 
 
+class PackedQueueState(QueueState):
+    """A consistent copy of one packed virtqueue (virtio 1.x §2.8).
+
+    ``desc_raw`` is the descriptor ring (PACKED_DESC records), ``avail_raw`` the driver event
+    suppression area and ``used_raw`` the device's (4 bytes each). The device's positions are
+    ``last_avail_idx``/``avail_wrap`` (next chain to pop) and ``used_idx``/``used_wrap`` (next used
+    element), from ``dev``.
+    """
+
+    layout: str = "packed"
+
+    @property
+    def desc(self) -> np.ndarray:
+        return np.frombuffer(self.desc_raw, PACKED_DESC, self.size)
+
+    @property
+    def driver_event(self) -> tuple[int, int]:
+        """(off_wrap, flags) of the driver event suppression area (the driver tells us when it wants calls)."""
+        a = np.frombuffer(self.avail_raw, "<u2", 2)
+        return int(a[0]), int(a[1])
+
+    @property
+    def device_event(self) -> tuple[int, int]:
+        """(off_wrap, flags) of the device event suppression area (we tell the driver when we want kicks)."""
+        a = np.frombuffer(self.used_raw, "<u2", 2)
+        return int(a[0]), int(a[1])
+
+    def _pos(self) -> tuple[int, int, int, int]:
+        if self.dev is None:
+            raise ValueError("a packed copy needs the device's positions")
+        d = self.dev
+        return int(d["last_avail_idx"]), int(d["avail_wrap"]), int(d["used_idx"]), int(d["used_wrap"])
+
+    def _available(self, desc: np.ndarray, idx: int, wrap: int) -> bool:
+        fl = int(desc[idx]["flags"])
+        return bool(fl & PACKED_DESC_F_AVAIL) == bool(wrap) and bool(fl & PACKED_DESC_F_USED) != bool(wrap)
+
+    def pending_chains(self) -> list[dict[str, Any]]:
+        """The chains available from the device's position, in order: slot, wrap, slots, buffer id."""
+        desc = self.desc
+        idx, wrap, _, _ = self._pos()
+        out: list[dict[str, Any]] = []
+        seen = 0
+        while seen < self.size and self._available(desc, idx, wrap):
+            start, start_wrap, slots = idx, wrap, []
+            while seen < self.size:
+                slots.append(idx)
+                fl = int(desc[idx]["flags"])
+                seen += 1
+                idx += 1
+                if idx == self.size:
+                    idx, wrap = 0, wrap ^ 1
+                if not fl & DESC_F_NEXT:
+                    break
+            out.append({"slot": start, "wrap": start_wrap, "slots": slots, "id": int(desc[slots[-1]]["id"])})
+        return out
+
+    @property
+    def last_avail_idx(self) -> int | None:
+        return None if self.dev is None else int(self.dev["last_avail_idx"])
+
+    @property
+    def in_flight_count(self) -> int | None:
+        """Descriptors popped by the device and not yet used (0 between the data plane's batches)."""
+        if self.dev is None:
+            return None
+        la, aw, ui, uw = self._pos()
+        return (la - ui) + (self.size if aw != uw else 0)
+
+    @property
+    def pending(self) -> int | None:
+        """Chains available that the device hasn't popped yet."""
+        return len(self.pending_chains())
+
+    @property
+    def pending_descriptors(self) -> int:
+        return sum(len(c["slots"]) for c in self.pending_chains())
+
+    @property
+    def outstanding(self) -> int:
+        """Descriptors the driver made available and hasn't seen used yet."""
+        return self.pending_descriptors + self.in_flight_count
+
+    def indexes(self):
+        pd = _pd()
+        la, aw, ui, uw = self._pos()
+        dro, drf = self.driver_event
+        dvo, dvf = self.device_event
+        d: dict[str, Any] = {
+            "layout": self.layout, "size": self.size,
+            "dev.last_avail_idx": la, "dev.avail_wrap": aw, "dev.used_idx": ui, "dev.used_wrap": uw,
+            "driver_event.off": dro & 0x7FFF, "driver_event.wrap": dro >> 15,
+            "driver_event.flags": EVENT_FLAG_NAMES.get(drf & 3, str(drf)),
+            "device_event.off": dvo & 0x7FFF, "device_event.wrap": dvo >> 15,
+            "device_event.flags": EVENT_FLAG_NAMES.get(dvf & 3, str(dvf)),
+            "pending": self.pending, "pending_descriptors": self.pending_descriptors,
+            "in_flight": self.in_flight_count, "outstanding": self.outstanding,
+        }
+        for k in ("ready", "broken", "event_idx", "kicks_on"):
+            if k in self.dev:
+                d[k] = int(self.dev[k])
+        return pd.Series(d, name=f"port{self.port}/vring{self.index}")
+
+    def _slot_states(self) -> dict[int, tuple[str, int]]:
+        """slot -> (state, head slot of its chain) for pending and in-flight descriptors."""
+        out: dict[int, tuple[str, int]] = {}
+        for c in self.pending_chains():
+            for sl in c["slots"]:
+                out[sl] = ("available", c["slot"])
+        _, _, ui, _ = self._pos()
+        for k in range(self.in_flight_count or 0):
+            out.setdefault((ui + k) % self.size, ("in_flight", -1))
+        return out
+
+    def descriptors(self):
+        """The descriptor ring: one row per slot with its AVAIL/USED bits and its state: ``available``
+        (part of a chain the device will pop next), ``in_flight``, ``used`` (a used element: AVAIL == USED)
+        or ``-`` (a descriptor of an earlier lap)."""
+        pd = _pd()
+        desc = self.desc
+        st = self._slot_states()
+        rows = []
+        for i in range(self.size):
+            e = desc[i]
+            fl = int(e["flags"])
+            a, u = bool(fl & PACKED_DESC_F_AVAIL), bool(fl & PACKED_DESC_F_USED)
+            state, chain = st.get(i, ("used" if self._is_used(desc, i) else "-", -1))
+            rows.append({"slot": i, "addr": int(e["addr"]), "len": int(e["len"]), "id": int(e["id"]), "flags": fl,
+                         "flag_names": flag_names(fl), "avail": int(a), "used": int(u),
+                         "region": self.region_of(int(e["addr"]))[0], "state": state, "chain": chain})
+        return pd.DataFrame(rows).set_index("slot")
+
+    def avail_window(self):
+        """The chains available from the device's position, oldest first (one row per chain)."""
+        pd = _pd()
+        rows = [(c["slot"], c["wrap"], c["slot"], c["id"], len(c["slots"]), "available") for c in self.pending_chains()]
+        return pd.DataFrame(rows, columns=["idx", "wrap", "head", "id", "ndesc", "state"])
+
+    def _is_used(self, desc: np.ndarray, slot: int) -> bool:
+        """A used element of the lap that wrote ``slot`` last: AVAIL == USED == that lap's wrap counter
+        (an all-zero record is a slot never written since the ring was set up, not a used element)."""
+        _, _, ui, uw = self._pos()
+        wrap = uw if slot < ui else uw ^ 1  # slots before used_idx were written in this lap
+        e = desc[slot]
+        fl = int(e["flags"])
+        a, u = bool(fl & PACKED_DESC_F_AVAIL), bool(fl & PACKED_DESC_F_USED)
+        blank = fl == 0 and int(e["addr"]) == 0 and int(e["len"]) == 0 and int(e["id"]) == 0
+        return a == u == bool(wrap) and not blank
+
+    def used_window(self):
+        """Used elements before the device's used position, oldest first (see ``_is_used``)."""
+        pd = _pd()
+        desc = self.desc
+        _, _, ui, uw = self._pos()
+        rows = []
+        for k in range(self.size):
+            slot = (ui + k) % self.size
+            wrap = uw if slot < ui else uw ^ 1
+            if self._is_used(desc, slot):
+                rows.append((slot, wrap, int(desc[slot]["id"]), int(desc[slot]["len"])))
+        return pd.DataFrame(rows, columns=["idx", "wrap", "id", "len"])
+
+    def outstanding_heads(self) -> list[int]:
+        """Buffer ids of the chains the device will pop next (a packed chain is named by its buffer id)."""
+        return [c["id"] for c in self.pending_chains()]
+
+    def in_flight(self):
+        pd = _pd()
+        rows = [(c["slot"], c["wrap"], c["slot"], c["id"], "available") for c in self.pending_chains()]
+        return pd.DataFrame(rows, columns=["idx", "wrap", "head", "id", "state"])
+
+    def driver_heads(self) -> list[int]:
+        raise NotImplementedError("the in-tree front-end drives split rings only")
+
+    def chain(self, head: int) -> list[dict[str, Any]]:
+        """Decode the chain starting at slot ``head`` (following NEXT through the ring, or an indirect table)."""
+        desc = self.desc
+        segs: list[dict[str, Any]] = []
+        slot = head
+        for _ in range(self.size):
+            e = desc[slot]
+            fl = int(e["flags"])
+            if fl & DESC_F_INDIRECT:
+                tbl = self.indirect.get(int(e["addr"]))
+                if tbl is None:
+                    segs.append(self._pseg(head, len(segs), slot, e, False, "indirect table not captured"))
+                else:
+                    for j in range(min(len(tbl), self.size)):
+                        segs.append(self._pseg(head, len(segs), j, tbl[j], True, ""))
+                break
+            segs.append(self._pseg(head, len(segs), slot, e, False, ""))
+            if not fl & DESC_F_NEXT:
+                break
+            slot = (slot + 1) % self.size
+        return segs
+
+    def _pseg(self, head, i, d, e, indirect, note):
+        seg = self._seg(head, i, d, e, indirect, note)
+        seg["id"] = int(e["id"]) if "id" in e.dtype.names else -1
+        return seg
+
+    def chains(self, heads: list[int] | None = None):
+        """Decoded chains, one row per segment (default: every chain available to the device), by first slot."""
+        pd = _pd()
+        heads = [c["slot"] for c in self.pending_chains()] if heads is None else heads
+        rows = [s for h in heads for s in self.chain(h)]
+        cols = ["head", "seg", "desc", "id", "addr", "len", "flags", "flag_names", "write", "indirect", "region",
+                "offset", "note"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def occupancy(self) -> dict[str, float]:
+        return {"outstanding": self.outstanding, "size": self.size, "fill": self.outstanding / self.size,
+                "pending": self.pending}
+
+
+def make_state(layout: str, **kw) -> QueueState:
+    if layout == "packed":
+        return PackedQueueState(layout="packed", **kw)
+    if layout != "split":
+        raise ValueError(f"unknown ring layout {layout!r}")
+    return QueueState(layout="split", **kw)
+
+
 # --------------------------------------------------------------------------------------------
 # reading guest memory without exports or raw pointers
 
@@ -400,20 +635,25 @@ def _gpa_read(memory, gpa: int, n: int) -> bytes:
     return out
 
 
-def _read_indirect(desc: np.ndarray, read) -> dict[int, np.ndarray]:
+def _read_indirect(desc: np.ndarray, read, dtype: np.dtype = DESC) -> dict[int, np.ndarray]:
+    """The indirect tables the ring's descriptors point at (a packed ring's tables use the packed layout)."""
     out: dict[int, np.ndarray] = {}
     for e in desc[(desc["flags"] & DESC_F_INDIRECT) != 0]:
         addr, ln = int(e["addr"]), int(e["len"])
         if ln == 0 or ln % 16 or ln > 16 * 32768 or addr in out:
             continue
         try:
-            out[addr] = np.frombuffer(read(addr, ln), DESC).copy()
+            out[addr] = np.frombuffer(read(addr, ln), dtype).copy()
         except Unmapped:
             pass
     return out
 
 
-def _device_indexes(q: np.void, memory) -> tuple[int, int, int, int]:
+def _device_indexes(q: np.void, memory) -> tuple[int, ...]:
+    if "packed" in q.dtype.names and q["packed"]:
+        # the ring has no index in memory: the device's positions (and the batch it is building) tell
+        return tuple(int(q[k]) for k in ("last_avail_idx", "avail_wrap", "used_idx", "used_wrap", "t_count",
+                                         "u_count"))
     avail_idx = int.from_bytes(_hva_read(memory, int(q["avail"]) + 2, 2), "little")
     used_idx = int.from_bytes(_hva_read(memory, int(q["used"]) + 2, 2), "little")
     return avail_idx, used_idx, int(q["last_avail_idx"]), int(q["used_idx"])
@@ -434,22 +674,24 @@ def queue(dev, port: int, index: int, retries: int = RETRIES, indirect: bool = T
         size = int(q["size"])
         if not q["ready"] or size == 0 or not q["desc"]:
             raise Unmapped(f"port {port} vring {index} is not started")
+        packed = bool(q["packed"]) if "packed" in q.dtype.names else False
         before = _device_indexes(q, memory)
         desc_raw = _hva_read(memory, int(q["desc"]), desc_bytes(size))
-        avail_raw = _hva_read(memory, int(q["avail"]), avail_bytes(size))
-        used_raw = _hva_read(memory, int(q["used"]), used_bytes(size))
+        avail_raw = _hva_read(memory, int(q["avail"]), 4 if packed else avail_bytes(size))
+        used_raw = _hva_read(memory, int(q["used"]), 4 if packed else used_bytes(size))
         q2 = dev.qstate[row].copy()
         after = _device_indexes(q2, memory)
         cur = (before, int(q["desc"]), int(q["avail"]), int(q["used"]))
         if before == after and (cur[1:] == (int(q2["desc"]), int(q2["avail"]), int(q2["used"]))):
-            st = QueueState(size=size, desc_raw=desc_raw, avail_raw=avail_raw, used_raw=used_raw, port=port,
-                            index=index, dev={k: int(q[k]) for k in q.dtype.names},
+            st = make_state("packed" if packed else "split", size=size, desc_raw=desc_raw, avail_raw=avail_raw,
+                            used_raw=used_raw, port=port, index=index, dev={k: int(q[k]) for k in q.dtype.names},
                             counters={n: int(v) for n, v in zip(COUNTER_NAMES, dev.counters[row], strict=True)},
                             regions=_region_rows(dev.regions[port]), time=time.time(), attempts=attempt)
             # the copy must agree with itself too: indexes inside the copied rings equal those read around it
-            if st.avail_idx == before[0] and st.used_idx == before[1]:
+            if packed or (st.avail_idx == before[0] and st.used_idx == before[1]):
                 if indirect:
-                    st.indirect = _read_indirect(st.desc, lambda a, n: _gpa_read(memory, a, n))
+                    st.indirect = _read_indirect(st.desc, lambda a, n: _gpa_read(memory, a, n),
+                                                 PACKED_DESC if packed else DESC)
                 return st
         last = (before, after)
         if attempt % 16 == 0:
@@ -497,7 +739,8 @@ def broken_reason(code: int) -> str:
     return BROKEN_REASONS.get(code, "ring addresses outside guest memory" if code == 100 else f"code {code}")
 
 
-def _queue_rows(qstate: np.ndarray, counters: np.ndarray, nvq: int, ring_idx: dict | None = None) -> list[dict]:
+def _queue_rows(qstate: np.ndarray, counters: np.ndarray, nvq: int, ring_pos: dict | None = None) -> list[dict]:
+    """One dict per vring; ring_pos: row -> (avail.idx or None for packed, chains pending)."""
     rows = []
     for row in range(len(qstate)):
         q = qstate[row]
@@ -507,12 +750,13 @@ def _queue_rows(qstate: np.ndarray, counters: np.ndarray, nvq: int, ring_idx: di
         d.update({n: int(v) for n, v in zip(COUNTER_NAMES, counters[row], strict=True)})
         d["broken"] = int(q["broken"])
         d["broken_reason"] = broken_reason(int(q["broken"]))
+        d["layout"] = "packed" if "packed" in q.dtype.names and q["packed"] else "split"
         d["last_avail_idx"] = int(q["last_avail_idx"])
         d["used_idx"] = int(q["used_idx"])
-        ai = (ring_idx or {}).get(row)
-        if ai is not None:
-            d["avail_idx"] = ai
-            d["pending"] = _u16(ai - int(q["last_avail_idx"]))
+        pos = (ring_pos or {}).get(row)
+        if pos is not None:
+            d["avail_idx"] = pos[0]
+            d["pending"] = pos[1]
             d["occupancy"] = d["pending"] / max(1, int(q["size"]))
         else:
             d["avail_idx"] = None
@@ -522,20 +766,47 @@ def _queue_rows(qstate: np.ndarray, counters: np.ndarray, nvq: int, ring_idx: di
     return rows
 
 
-def avail_indexes(dev, retries: int = 50) -> dict[int, int]:
-    """The avail.idx of every started ring, read from guest memory (a row is left out while unmapped)."""
-    out = {}
+def _packed_pending(desc_raw: bytes, size: int, idx: int, wrap: int) -> int:
+    flags = np.frombuffer(desc_raw, PACKED_DESC, size)["flags"]
+    n = seen = 0
+    while seen < size:
+        fl = int(flags[idx])
+        if bool(fl & PACKED_DESC_F_AVAIL) != bool(wrap) or bool(fl & PACKED_DESC_F_USED) == bool(wrap):
+            break
+        while seen < size:
+            fl = int(flags[idx])
+            seen += 1
+            idx += 1
+            if idx == size:
+                idx, wrap = 0, wrap ^ 1
+            if not fl & DESC_F_NEXT:
+                break
+        n += 1
+    return n
+
+
+def ring_positions(dev, retries: int = 50) -> dict[int, tuple[int | None, int]]:
+    """row -> (avail.idx, chains pending) for every started ring, read from guest memory (split: the avail
+    index; packed: a walk of the descriptor flags). A row is left out while its memory is unmapped."""
+    out: dict[int, tuple[int | None, int]] = {}
     for row in range(len(dev.qstate)):
         for _ in range(retries):
             q = dev.qstate[row].copy()
             if not q["ready"] or not q["avail"]:
                 break
+            mem = dev.memory[row // dev.nvq]
             try:
-                ai = int.from_bytes(_hva_read(dev.memory[row // dev.nvq], int(q["avail"]) + 2, 2), "little")
+                if "packed" in q.dtype.names and q["packed"]:
+                    raw = _hva_read(mem, int(q["desc"]), desc_bytes(int(q["size"])))
+                    pos = (None, _packed_pending(raw, int(q["size"]), int(q["last_avail_idx"]), int(q["avail_wrap"])))
+                else:
+                    ai = int.from_bytes(_hva_read(mem, int(q["avail"]) + 2, 2), "little")
+                    pos = (ai, _u16(ai - int(q["last_avail_idx"])))
             except Unmapped:
                 break
-            if dev.qstate[row]["avail"] == q["avail"] and dev.qstate[row]["ready"]:
-                out[row] = ai
+            q2 = dev.qstate[row]
+            if (q2["avail"] == q["avail"] and q2["ready"] and q2["last_avail_idx"] == q["last_avail_idx"]):
+                out[row] = pos
                 break
     return out
 
@@ -543,7 +814,7 @@ def avail_indexes(dev, retries: int = 50) -> dict[int, int]:
 def counters(dev):
     """Per-queue counters and status of a live device as a DataFrame (one row per vring)."""
     pd = _pd()
-    return pd.DataFrame(_queue_rows(dev.qstate.copy(), dev.counters.copy(), dev.nvq, avail_indexes(dev)))
+    return pd.DataFrame(_queue_rows(dev.qstate.copy(), dev.counters.copy(), dev.nvq, ring_positions(dev)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,7 +846,7 @@ def snapshot_arrays(dev, meta: dict | None = None, retries: int = RETRIES) -> di
             arrays[f"q{row}_ind_addr"] = np.array(addrs, np.uint64)
             arrays[f"q{row}_ind_count"] = np.array([len(st.indirect[a]) for a in addrs], np.int64)
             arrays[f"q{row}_ind_desc"] = np.concatenate([st.indirect[a] for a in addrs])
-    m = {"version": SNAPSHOT_VERSION, "layout": "split", "nports": dev.nports, "nvq": dev.nvq,
+    m = {"version": SNAPSHOT_VERSION, "nports": dev.nports, "nvq": dev.nvq,
          "kind": getattr(dev, "kind", "device"), "time": time.time(), "pid": os.getpid(),
          "queues": sorted(states), "skipped": skipped}
     m.update(meta or {})
@@ -609,10 +880,10 @@ class Snapshot:
         if f"q{row}_desc" not in a:
             raise KeyError(f"port {port} vring {index} is not in this snapshot (not started)")
         q = a[f"q{row}_qstate"][0]
-        st = QueueState(size=int(q["size"]), desc_raw=a[f"q{row}_desc"].tobytes(),
+        packed = "packed" in q.dtype.names and bool(q["packed"])
+        st = make_state("packed" if packed else "split", size=int(q["size"]), desc_raw=a[f"q{row}_desc"].tobytes(),
                         avail_raw=a[f"q{row}_avail"].tobytes(), used_raw=a[f"q{row}_used"].tobytes(),
-                        layout=self.meta.get("layout", "split"), port=port, index=index,
-                        dev={k: int(q[k]) for k in q.dtype.names},
+                        port=port, index=index, dev={k: int(q[k]) for k in q.dtype.names},
                         counters={n: int(v) for n, v in zip(COUNTER_NAMES, a[f"q{row}_counters"], strict=True)},
                         regions=_region_rows(a["regions"][port]), time=float(self.meta["time"]))
         if f"q{row}_ind_addr" in a:
@@ -625,10 +896,11 @@ class Snapshot:
 
     def counters(self):
         pd = _pd()
-        ring_idx = {}
+        pos: dict[int, tuple[int | None, int]] = {}
         for row in self.meta["queues"]:
-            ring_idx[row] = int(np.frombuffer(self.arrays[f"q{row}_avail"].tobytes(), "<u2", 1, 2)[0])
-        return pd.DataFrame(_queue_rows(self.qstate, self.arrays["counters"], self.nvq, ring_idx))
+            st = self.queue(*divmod(row, self.nvq))
+            pos[row] = (None if st.layout == "packed" else st.avail_idx, st.pending)
+        return pd.DataFrame(_queue_rows(self.qstate, self.arrays["counters"], self.nvq, pos))
 
 
 def load(path_or_file) -> Snapshot:

@@ -14,8 +14,8 @@ flags last of all, so the driver sees the batch whole (§2.8.21 in-order batchin
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from vring.jit import kernel
 from vring.layout import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -41,8 +41,8 @@ from vring.split import (
     BROKEN_CHAIN_LOOP,
     BROKEN_DIRECTION,
     BROKEN_INDIRECT_LEN,
-    BROKEN_INDIRECT_NEXT,
     BROKEN_INDIRECT_NESTED,
+    BROKEN_INDIRECT_NEXT,
     MAX_INDIRECT,
     translate,
     translate_one,
@@ -51,7 +51,7 @@ from vring.split import (
 EMPTY = -1000  # no chain available (not an error)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def is_avail(qs, q, idx, wrap):
     """Whether the descriptor at idx is available for the driver wrap counter ``wrap`` (§2.8.1)."""
     fl = load_u16_acquire(qs[q]["desc"] + np.uint64(16 * idx + 14))
@@ -60,7 +60,7 @@ def is_avail(qs, q, idx, wrap):
     return a == (wrap != 0) and u != (wrap != 0)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _walk_indirect(qs, q, regions, addr, ln, writable, seg_hva, seg_len, n, total):
     """Map every entry of an indirect table (packed layout, used in order)."""
     mem = qs[q]["mem"]
@@ -88,7 +88,7 @@ def _walk_indirect(qs, q, regions, addr, ln, writable, seg_hva, seg_len, n, tota
     return n, total
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     """Map the next available chain into seg_*[n:]: (new n, total bytes, buffer id, descriptors),
     or (EMPTY, ...) when none is available, or (-BROKEN_*, ...)."""
@@ -138,7 +138,7 @@ def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     return n, total, buf_id, ndesc
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def begin(qs, q):
     qs[q]["t_idx"] = qs[q]["last_avail_idx"]
     qs[q]["t_wrap"] = qs[q]["avail_wrap"]
@@ -149,7 +149,7 @@ def begin(qs, q):
     return 1 if is_avail(qs, q, np.int64(qs[q]["last_avail_idx"]), np.int64(qs[q]["avail_wrap"])) else 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def put_used(qs, q, buf_id, length, ndesc):
     """Write one used element at the next used position; the batch's first flags are deferred."""
     size = np.int64(qs[q]["size"])
@@ -173,7 +173,7 @@ def put_used(qs, q, buf_id, length, ndesc):
     qs[q]["u_wrap"] = wrap
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def publish(qs, q):
     """Commit the batch's pops and make its used elements visible (head flags last)."""
     if qs[q]["u_count"] > 0:
@@ -186,7 +186,7 @@ def publish(qs, q):
     qs[q]["u_count"] = 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def need_call(qs, q):
     """Driver event suppression (§2.8.10): enable, disable, or a descriptor event with EVENT_IDX."""
     fence_seq_cst()  # our used flags before the driver's event structure
@@ -213,7 +213,7 @@ def need_call(qs, q):
     return ((new - off - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def set_kicks(qs, q, on):
     """Device event suppression (§2.8.10): ask the driver to notify us, or not."""
     store_u16(qs[q]["used"] + np.uint64(2), np.uint16(0 if on else RING_EVENT_FLAGS_DISABLE))

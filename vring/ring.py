@@ -7,17 +7,17 @@ Each function dispatches on the queue's ``packed`` field to vring.split or vring
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from vring import packed as P
 from vring import split as S
+from vring.jit import kernel
 from vring.layout import C_CALLS
 from vring.ordering import sys_write
 
 EMPTY = P.EMPTY
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def begin(qs, q):
     """Start a batch; returns a hint of how many chains are available (>0), 0, or -BROKEN_*."""
     if qs[q]["packed"]:
@@ -29,7 +29,7 @@ def begin(qs, q):
     return n
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     """The next chain mapped into seg_*[n:]: (new n, total bytes, id, descriptors), (EMPTY, ...) or (-BROKEN_*, ...)."""
     if qs[q]["packed"]:
@@ -52,20 +52,20 @@ def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     return m, total, head, 1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def cursor(qs, q):
     """The tentative pop position, for ``rollback``."""
     return (np.int64(qs[q]["t_count"]) << 17) | (np.int64(qs[q]["t_wrap"]) << 16) | np.int64(qs[q]["t_idx"])
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def rollback(qs, q, c):
     qs[q]["t_count"] = c >> 17
     qs[q]["t_wrap"] = (c >> 16) & 1
     qs[q]["t_idx"] = c & 0xFFFF
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def put_used(qs, q, buf_id, length, ndesc):
     if qs[q]["packed"]:
         P.put_used(qs, q, buf_id, length, ndesc)
@@ -74,7 +74,7 @@ def put_used(qs, q, buf_id, length, ndesc):
         qs[q]["u_count"] += 1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def publish(qs, q):
     """Commit the batch: pops consumed, used elements visible to the driver."""
     if qs[q]["packed"]:
@@ -86,7 +86,7 @@ def publish(qs, q):
         qs[q]["avail_cache"] = 0
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def call(qs, q, counters, one):
     """Signal the driver through the call eventfd if it wants it."""
     want = P.need_call(qs, q) if qs[q]["packed"] else S.need_call(qs, q)
@@ -97,7 +97,7 @@ def call(qs, q, counters, one):
             counters[q, C_CALLS] += 1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def set_kicks(qs, q, on):
     if qs[q]["packed"]:
         P.set_kicks(qs, q, on)
@@ -105,7 +105,7 @@ def set_kicks(qs, q, on):
         S.set_kicks(qs, q, on)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def has_work(qs, q):
     """Whether a chain is available (for the idle check); -BROKEN_* if the ring is broken."""
     if qs[q]["packed"]:

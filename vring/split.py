@@ -13,8 +13,8 @@ inside mapped memory before ``ready`` was set.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from vring.jit import kernel
 from vring.layout import (
     C_CALLS,
     DESC_F_INDIRECT,
@@ -70,7 +70,7 @@ U1 = np.uint64(1)
 U16 = np.uint64(0xFFFF)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def translate(regions, mem, gpa, length, out_hva, out_len, n):
     """Append the pieces of guest range [gpa, gpa+length) to out_*[n:]; new n, or -BROKEN_*."""
     gpa = np.uint64(gpa)
@@ -102,7 +102,7 @@ def translate(regions, mem, gpa, length, out_hva, out_len, n):
     return n
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def translate_one(regions, mem, gpa, length):
     """Host address of [gpa, gpa+length) if it lies in one region, else 0."""
     gpa = np.uint64(gpa)
@@ -117,30 +117,31 @@ def translate_one(regions, mem, gpa, length):
     return np.uint64(0)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def walk_chain(qs, q, regions, head, writable, seg_hva, seg_len, n):
     """Map the chain starting at ``head`` into seg_*[n:].
 
     ``writable``: 1 if every descriptor must be device-writable, 0 if every one must be
     device-readable. Returns (new n, total bytes), or (-BROKEN_*, 0).
+    All index arithmetic stays in int64 (mixing u64 and i64 makes numba use floats).
     """
-    size = np.uint64(qs[q]["size"])
+    size = np.int64(qs[q]["size"])
     mem = qs[q]["mem"]
     table = qs[q]["desc"]
     table_size = size
     budget = size  # §2.7.5.3.1: a chain has at most queue-size descriptors (loops end here)
     indirect = False
-    idx = np.uint64(head)
+    idx = np.int64(head)
     total = np.uint64(0)
     while True:
         if budget == 0:
             return -BROKEN_CHAIN_LOOP, np.uint64(0)
         budget -= 1
-        d = table + np.uint64(16) * idx
+        d = table + np.uint64(16 * idx)
         addr = load_u64(d)
-        ln = np.uint64(load_u32(d + np.uint64(8)))
+        ln = np.int64(load_u32(d + np.uint64(8)))
         fl = load_u16(d + np.uint64(12))
-        nx = np.uint64(load_u16(d + np.uint64(14)))
+        nx = np.int64(load_u16(d + np.uint64(14)))
         if fl & DESC_F_INDIRECT:
             # §2.7.5.3.1: no nesting, no NEXT together with INDIRECT, len a multiple of 16
             if indirect:
@@ -149,22 +150,22 @@ def walk_chain(qs, q, regions, head, writable, seg_hva, seg_len, n):
                 return -BROKEN_INDIRECT_NEXT, np.uint64(0)
             if ln == 0 or ln % 16 != 0 or ln // 16 > MAX_INDIRECT:
                 return -BROKEN_INDIRECT_LEN, np.uint64(0)
-            t = translate_one(regions, mem, addr, ln)
+            t = translate_one(regions, mem, addr, np.uint64(ln))
             if t == 0:
                 return -BROKEN_ADDRESS, np.uint64(0)
             table = t
             table_size = ln // 16
             budget = table_size
             indirect = True
-            idx = np.uint64(0)
+            idx = np.int64(0)
             continue
         if ((fl & DESC_F_WRITE) != 0) != (writable != 0):
             return -BROKEN_DIRECTION, np.uint64(0)
         if ln > 0:
-            n = translate(regions, mem, addr, ln, seg_hva, seg_len, n)
+            n = translate(regions, mem, addr, np.uint64(ln), seg_hva, seg_len, n)
             if n < 0:
                 return n, np.uint64(0)
-            total += ln
+            total += np.uint64(ln)
             if total > np.uint64(0xFFFFFFFF):
                 return -BROKEN_CHAIN_LEN, np.uint64(0)
         if not (fl & DESC_F_NEXT):
@@ -174,7 +175,7 @@ def walk_chain(qs, q, regions, head, writable, seg_hva, seg_len, n):
         idx = nx
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def avail_count(qs, q):
     """Chains the driver has made available and we haven't popped, or -BROKEN_AVAIL_JUMP."""
     avail = qs[q]["avail"]
@@ -185,7 +186,7 @@ def avail_count(qs, q):
     return n
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def avail_head(qs, q, i):
     """Head index of the i-th unpopped chain, or -BROKEN_HEAD_RANGE."""
     size = np.int64(qs[q]["size"])
@@ -196,7 +197,7 @@ def avail_head(qs, q, i):
     return h
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def put_used(qs, q, i, head, length):
     """Write the i-th pending used element (published later by ``publish_used``)."""
     size = np.int64(qs[q]["size"])
@@ -206,7 +207,7 @@ def put_used(qs, q, i, head, length):
     store_u32(e + np.uint64(4), np.uint32(length))
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def publish_used(qs, q, popped, used):
     """Advance last_avail_idx by ``popped`` and publish ``used`` pending used elements.
 
@@ -219,7 +220,7 @@ def publish_used(qs, q, popped, used):
         store_u16_release(qs[q]["used"] + np.uint64(2), np.uint16(new))
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def need_call(qs, q):
     """Whether the driver wants an interrupt for what we just published (§2.7.7, EVENT_IDX §2.7.10)."""
     fence_seq_cst()  # our used idx store before reading the driver's flags/used_event
@@ -236,7 +237,7 @@ def need_call(qs, q):
     return (load_u16_acquire(qs[q]["avail"]) & 1) == 0  # VRING_AVAIL_F_NO_INTERRUPT
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def call(qs, q, counters, one):
     """Signal the driver through the call eventfd if it wants it."""
     if need_call(qs, q):
@@ -246,7 +247,7 @@ def call(qs, q, counters, one):
             counters[q, C_CALLS] += 1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def set_kicks(qs, q, on):
     """Ask the driver to kick us (on) or not to (off): used flags and, with EVENT_IDX, avail_event."""
     used = qs[q]["used"]

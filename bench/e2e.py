@@ -1,0 +1,413 @@
+"""End-to-end packet rate: vring net vs DPDK's vhost back-end, alternating, same session.
+
+For each configuration (frontend, direction, burst, frame size) and each repetition, the same
+frontend runs once against ``python -m vring net --poll`` and once against ``dpdk-testpmd
+--vdev net_vhost0`` (vring, dpdk, vring, dpdk, ...), back-end and frontend pinned to different
+CPUs. Each run starts fresh processes (by PID, own session, stdin /dev/null), waits for traffic,
+measures, and stops them with SIGTERM (SIGKILL after a grace period).
+
+Directions (frontend mode -> vring mode / testpmd forward mode):
+  tx    frontend txonly  -> vring sink     / testpmd rxonly   (rate: frames the frontend got into the ring)
+  rx    frontend rxonly  -> vring source   / testpmd txonly   (rate: frames the frontend received)
+  loop  frontend flowgen -> vring loopback / testpmd io       (rate: frames the frontend received back)
+Frontends: ``testpmd`` (DPDK virtio-user) and ``vring`` (``python -m vring frontend``, the jitted
+in-tree generator). The rate is always read on the frontend side, so both back-ends are measured
+with the same ruler: testpmd's own per-period pps samples (TSC-timed), or the in-tree generator's
+per-second counts; the first ``--warmup`` seconds after traffic starts are skipped.
+
+Also recorded per run: the back-end's empty-poll share (vring prints ``polls=N empty=X% ...`` on
+exit; testpmd ``--record-burst-stats`` prints ``RX-bursts : N [X% of 0 pkts ...]``), and how
+much CPU processes other than ours used meanwhile (``foreign_cpu``, % of one CPU): on a shared
+2-core machine a run with foreign load is not clean.
+
+    /tmp/venv/bin/python bench/e2e.py --quick            # < 2 min: burst 32, 64 B, tx, 2 reps, 3 s
+    /tmp/venv/bin/python bench/e2e.py --frontends testpmd,vring --dirs tx,rx,loop \\
+        --bursts 1,8,32,64 --sizes 64,512,1500 --reps 5 --seconds 5
+
+Writes bench/results/e2e.json (every run and a summary per configuration) and
+bench/results/e2e_ratio.png (vring/DPDK median ratio vs burst).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TESTPMD = os.environ.get("TESTPMD", "dpdk-testpmd")
+DPDK_RUN = "/var/run/dpdk" if os.getuid() == 0 else os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "dpdk")
+
+VRING_MODE = {"tx": "sink", "rx": "source", "loop": "loopback"}
+DPDK_MODE = {"tx": "rxonly", "rx": "txonly", "loop": "io"}
+FE_TESTPMD_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen"}
+FE_VRING_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen"}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+class Proc:
+    """A child in its own session, output to a log file, stopped by its PID."""
+
+    def __init__(self, name: str, argv: list[str], logdir: str, env: dict | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = os.path.join(logdir, f"{name}.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, cwd=ROOT, env=env)
+        self.pid = self.proc.pid
+
+    def text(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read().replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def cpu_jiffies(self) -> int:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])  # utime + stime (all threads)
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log(f"  {self.name} (pid {self.pid}) ignored SIGTERM for {grace:g}s: SIGKILL")
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)  # its own session: pgid == pid
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def cpu_total() -> int:
+    with open("/proc/stat") as f:
+        v = f.readline().split()[1:]
+    return sum(int(x) for x in v[:3]) + sum(int(x) for x in v[5:8])  # user nice system irq softirq steal
+
+
+def wait_for(pred, timeout: float, procs: list[Proc], step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        if any(not p.alive() for p in procs):
+            return bool(pred())
+        time.sleep(step)
+    return False
+
+
+# ---------------------------------------------------------------- parsing
+def testpmd_samples(text: str, key: str) -> list[float]:
+    """Per-period pps samples (--stats-period) for key Rx-pps or Tx-pps, in Mpps."""
+    return [int(m) / 1e6 for m in re.findall(rf"{key}:\s+(\d+)", text)]
+
+
+def after_start(samples: list[float], skip: int) -> list[float]:
+    """Samples after the first nonzero one, ``skip`` more dropped (warm-up)."""
+    for i, s in enumerate(samples):
+        if s > 0:
+            rest = samples[i + 1 :]
+            return rest[skip:] if len(rest) > skip else rest
+    return []
+
+
+def testpmd_bursts(text: str, which: str) -> dict | None:
+    """``--record-burst-stats``: {'bursts': N, 'empty_share': x} from the first RX-/TX-bursts line."""
+    m = re.search(rf"{which}-bursts\s*:\s*(\d+)\s*\[([^\]]*)\]", text)
+    if not m:
+        return None
+    spread = {int(b): int(p) / 100 for p, b in re.findall(r"(\d+)% of (\d+) pkts", m.group(2))}
+    return {"bursts": int(m.group(1)), "empty_share": spread.get(0, 0.0), "spread": spread}
+
+
+def testpmd_totals(text: str) -> dict:
+    out = {}
+    acc = text.split("Accumulated forward statistics")
+    if len(acc) > 1:
+        for k, pat in (("rx", r"RX-packets:\s+(\d+)\s+RX-dropped:\s+(\d+)"),
+                       ("tx", r"TX-packets:\s+(\d+)\s+TX-dropped:\s+(\d+)")):
+            m = re.search(pat, acc[1])
+            if m:
+                out[f"{k}_packets"], out[f"{k}_dropped"] = int(m.group(1)), int(m.group(2))
+    return out
+
+
+def vring_polls(text: str) -> dict | None:
+    m = re.search(r"polls=(\d+) empty=([\d.]+)% full=([\d.]+)% busy_ns_per_frame=([\d.]+)", text)
+    if not m:
+        return None
+    return {"polls": int(m.group(1)), "empty_share": float(m.group(2)) / 100, "full_share": float(m.group(3)) / 100,
+            "busy_ns_per_frame": float(m.group(4))}
+
+
+def vring_fe_samples(text: str, key: str) -> list[float]:
+    """Per-second rates the in-tree generator prints: '  tx   7.123 Mpps   rx   0.000 Mpps ...'."""
+    return [float(x) for x in re.findall(rf"\b{key}\s+([\d.]+) Mpps", text)]
+
+
+# ---------------------------------------------------------------- one run
+class Runner:
+    def __init__(self, args: argparse.Namespace, workdir: str):
+        self.a = args
+        self.work = workdir
+        self.n = 0
+        self.be_cpu, self.fe_cpu = args.be_cpu, args.fe_cpu
+
+    def _names(self) -> tuple[str, str, str]:
+        self.n += 1
+        tag = f"vb{os.getpid() % 100000}_{self.n}"
+        d = os.path.join(self.work, f"run{self.n}")
+        os.makedirs(d, exist_ok=True)
+        return tag, os.path.join("/tmp", f"{tag}.sock"), d
+
+    def backend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str) -> Proc:
+        if kind == "vring":
+            argv = ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net", "--socket", sock,
+                    "--mode", VRING_MODE[direction], "--poll", "--cpus", str(self.be_cpu), "--burst", str(burst),
+                    "--frame-size", str(size)]
+            return Proc("be_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.fe_cpu},1@{self.be_cpu}", "--no-pci", "--no-huge",
+                "-m", "256", f"--file-prefix={tag}_be", "--vdev", f"net_vhost0,iface={sock},queues=1", "--",
+                f"--forward-mode={DPDK_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
+                f"--burst={burst}", f"--txpkts={size}", "--nb-cores=1", "--record-burst-stats"]
+        return Proc("be_dpdk", argv, d)
+
+    def frontend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str) -> Proc:
+        if kind == "vring":
+            secs = self.a.warmup + self.a.seconds + 2
+            argv = ["taskset", "-c", str(self.fe_cpu), sys.executable, "-m", "vring", "frontend", "--socket", sock,
+                    "--mode", FE_VRING_MODE[direction], "--burst", str(burst), "--frame-size", str(size),
+                    "--seconds", str(secs), "--wait", "60"]
+            return Proc("fe_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.be_cpu},1@{self.fe_cpu}", "--no-pci", "--no-huge",
+                "-m", "256", f"--file-prefix={tag}_fe", "--vdev", f"net_virtio_user0,path={sock},queues=1", "--",
+                f"--forward-mode={FE_TESTPMD_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
+                f"--burst={burst}", f"--txpkts={size}", "--rxq=1", "--txq=1", "--nb-cores=1"]
+        return Proc("fe_testpmd", argv, d)
+
+    def run(self, fe: str, be: str, direction: str, burst: int, size: int, rep: int) -> dict:
+        tag, sock, d = self._names()
+        res: dict = {"frontend": fe, "backend": be, "dir": direction, "burst": burst, "size": size, "rep": rep,
+                     "mpps": None, "logs": d}
+        procs: list[Proc] = []
+        t_start = time.monotonic()
+        try:
+            bep = self.backend(be, direction, burst, size, sock, tag, d)
+            procs.append(bep)
+            if not wait_for(lambda: os.path.exists(sock), 60, [bep]):
+                res["error"] = "backend socket did not appear"
+                return res
+            fep = self.frontend(fe, direction, burst, size, sock, tag, d)
+            procs.append(fep)
+            key = "tx" if direction == "tx" else "rx"
+            if fe == "testpmd":
+                pmd_key = "Tx-pps" if key == "tx" else "Rx-pps"
+                started = wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), pmd_key)), 60, procs)
+            else:
+                started = wait_for(lambda: any(s > 0 for s in vring_fe_samples(fep.text(), key)), 60, procs)
+            if not started:
+                res["error"] = "no traffic at the frontend within 60 s"
+                return res
+            c0, o0, t0 = cpu_total(), sum(p.cpu_jiffies() for p in procs), time.monotonic()
+            time.sleep(self.a.warmup + self.a.seconds - (0 if fe == "testpmd" else 0.5))
+            c1, o1, t1 = cpu_total(), sum(p.cpu_jiffies() for p in procs), time.monotonic()
+            if fe == "vring":
+                wait_for(lambda: not fep.alive(), 30, [])  # it stops itself after --seconds
+            hz = os.sysconf("SC_CLK_TCK")
+            res["foreign_cpu"] = round(max(0.0, ((c1 - c0) - (o1 - o0)) / hz / max(t1 - t0, 1e-3) * 100), 1)
+            fep.stop()
+            bep.stop()
+            ft, bt = fep.text(), bep.text()
+            if fe == "testpmd":
+                samples = after_start(testpmd_samples(ft, "Tx-pps" if key == "tx" else "Rx-pps"),
+                                      max(0, round(self.a.warmup)))
+                res["fe_totals"] = testpmd_totals(ft)
+            else:
+                samples = after_start(vring_fe_samples(ft, key), max(0, round(self.a.warmup)))
+                m = re.findall(r"^\{.*\}$", ft, re.M)
+                if m:
+                    res["fe_final"] = {k: v for k, v in json.loads(m[-1]).items() if k.endswith(("mpps", "packets"))}
+            res["samples"] = [round(s, 3) for s in samples]
+            if samples:
+                res["mpps"] = round(statistics.fmean(samples), 3)
+            if be == "vring":
+                res["be_polls"] = vring_polls(bt)
+            else:
+                res["be_polls"] = testpmd_bursts(bt, "TX" if direction == "rx" else "RX")
+            if res["be_polls"]:
+                res["empty_share"] = res["be_polls"]["empty_share"]
+            if res["mpps"] is None:
+                res["error"] = "no samples after warm-up"
+            return res
+        finally:
+            for p in reversed(procs):
+                p.stop(5)
+            res["seconds"] = round(time.monotonic() - t_start, 1)
+            for suffix in ("_be", "_fe"):
+                shutil.rmtree(os.path.join(DPDK_RUN, tag + suffix), ignore_errors=True)
+            try:
+                os.unlink(sock)
+            except FileNotFoundError:
+                pass
+
+
+# ---------------------------------------------------------------- summary, plot
+def _dist(v: list[float]) -> dict | None:
+    if not v:
+        return None
+    return {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3), "n": len(v)}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    keys = []
+    for r in runs:
+        k = (r["frontend"], r["dir"], r["burst"], r["size"])
+        if k not in keys:
+            keys.append(k)
+    out = []
+    for fe, direction, burst, size in keys:
+        sel = [r for r in runs if (r["frontend"], r["dir"], r["burst"], r["size"]) == (fe, direction, burst, size)]
+        row = {"frontend": fe, "dir": direction, "burst": burst, "size": size}
+        for be in ("vring", "dpdk"):
+            rs = [r for r in sel if r["backend"] == be]
+            row[be] = _dist([r["mpps"] for r in rs if r.get("mpps") is not None])
+            row[f"{be}_empty_share"] = _dist([r["empty_share"] for r in rs if r.get("empty_share") is not None])
+            row[f"{be}_failed"] = sum(1 for r in rs if r.get("mpps") is None)
+        row["foreign_cpu_max"] = max((r.get("foreign_cpu") or 0 for r in sel), default=None)
+        v, p = row["vring"], row["dpdk"]
+        row["ratio_median"] = round(v["median"] / p["median"], 3) if v and p and p["median"] > 0 else None
+        row["ratio_best"] = round(v["max"] / p["max"], 3) if v and p and p["max"] > 0 else None
+        out.append(row)
+    return out
+
+
+def plot(summary: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lines: dict = {}
+    for s in summary:
+        if s["ratio_median"] is not None:
+            lines.setdefault((s["frontend"], s["dir"], s["size"]), []).append((s["burst"], s["ratio_median"]))
+    for (fe, direction, size), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{fe} fe, {direction}, {size} B")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("burst")
+    ax.set_ylabel("vring / DPDK vhost (median Mpps ratio)")
+    ax.set_title("vring net vs DPDK net_vhost, same frontend, alternating runs")
+    ax.grid(True, which="both", alpha=0.3)
+    if lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny matrix: both frontends, tx, burst 32, 64 B, 2 reps, 3 s (< 2 min)")
+    ap.add_argument("--frontends", default="testpmd,vring", help="testpmd,vring")
+    ap.add_argument("--dirs", default="tx,rx,loop", help="tx,rx,loop")
+    ap.add_argument("--bursts", default="1,8,32,64")
+    ap.add_argument("--sizes", default="64,512,1500")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (after warm-up)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic skipped before measuring")
+    ap.add_argument("--be-cpu", type=int, default=1, help="CPU of the back-end's data plane (default 1)")
+    ap.add_argument("--fe-cpu", type=int, default=0, help="CPU of the frontend's data plane (default 0)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--keep-logs", metavar="DIR", help="copy every run's logs here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.frontends, args.dirs, args.bursts, args.sizes = "testpmd,vring", "tx", "32", "64"
+        args.reps, args.seconds, args.warmup = 2, 3.0, 1.0
+    if shutil.which(TESTPMD) is None:
+        log(f"{TESTPMD} not found (apt-get install dpdk-dev)")
+        return 2
+    frontends = [f for f in args.frontends.split(",") if f]
+    dirs = [d for d in args.dirs.split(",") if d]
+    for d in dirs:
+        if d not in VRING_MODE:
+            ap.error(f"bad direction {d}")
+    t_all = time.monotonic()
+    runs: list[dict] = []
+    work = tempfile.mkdtemp(prefix="vring-e2e-")
+    runner = Runner(args, work)
+    try:
+        for fe in frontends:
+            for direction in dirs:
+                for size in _ints(args.sizes):
+                    for burst in _ints(args.bursts):
+                        for rep in range(args.reps):
+                            for be in ("vring", "dpdk"):  # alternate, same session
+                                r = runner.run(fe, be, direction, burst, size, rep)
+                                runs.append(r)
+                                extra = f" empty={r['empty_share']:.1%}" if r.get("empty_share") is not None else ""
+                                log(f"{fe:>7} fe {direction:>4} burst {burst:>3} {size:>4} B rep {rep} {be:>5}: "
+                                    f"{r['mpps'] if r['mpps'] is not None else 'FAILED (' + r.get('error', '?') + ')'}"
+                                    f" Mpps{extra} foreign_cpu={r.get('foreign_cpu')}% ({r['seconds']} s)")
+    except KeyboardInterrupt:
+        log("interrupted: writing what was measured")
+    finally:
+        if args.keep_logs:
+            shutil.copytree(work, args.keep_logs, dirs_exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+    for r in runs:
+        r.pop("logs", None)
+    summary = summarize(runs)
+    os.makedirs(args.out, exist_ok=True)
+    out_json = os.path.join(args.out, "e2e.json")
+    with open(out_json, "w") as f:
+        json.dump({"args": vars(args), "cpus": os.cpu_count(), "elapsed_s": round(time.monotonic() - t_all, 1),
+                   "summary": summary, "runs": runs}, f, indent=1)
+    out_png = os.path.join(args.out, "e2e_ratio.png")
+    plot(summary, out_png)
+    print("| frontend | dir | burst | size | vring Mpps med (min-max) | DPDK Mpps med (min-max) | ratio med | "
+          "vring empty | DPDK empty | foreign CPU max |")
+    print("|---|---|---:|---:|---|---|---:|---:|---:|---:|")
+    fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})" if d else "failed"  # noqa: E731
+    pct = lambda d: f"{d['median']:.0%}" if d else "-"  # noqa: E731
+    for s in summary:
+        print(f"| {s['frontend']} | {s['dir']} | {s['burst']} | {s['size']} | {fmt(s['vring'])} | {fmt(s['dpdk'])} | "
+              f"{s['ratio_median'] if s['ratio_median'] is not None else '-'} | {pct(s['vring_empty_share'])} | "
+              f"{pct(s['dpdk_empty_share'])} | {s['foreign_cpu_max']}% |")
+    print(f"elapsed {time.monotonic() - t_all:.0f} s; wrote {out_json} and {out_png}")
+    return 0 if all(r.get("mpps") is not None for r in runs) and runs else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

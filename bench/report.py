@@ -1,0 +1,120 @@
+"""Turn pytest-benchmark JSON from bench/test_kernels.py into ns/packet: JSON, a table and a plot.
+
+    /tmp/venv/bin/python bench/report.py bench/results/kernels.raw.json [--out bench/results]
+
+Writes OUT/kernels.json (ns/packet median/min/max per kernel, batch and frame size) and
+OUT/kernels_ns_per_packet.png (ns/packet vs batch, log2 x axis, one line per kernel and size),
+and prints a Markdown table per frame size (rows: batch, columns: kernel, median ns/packet).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL_ORDER = ("pop", "push", "notify", "scatter", "deliver", "forward")
+
+
+def load(path: str) -> tuple[list[dict], dict]:
+    with open(path) as f:
+        raw = json.load(f)
+    rows = []
+    for b in raw.get("benchmarks", []):
+        ei = b.get("extra_info", {})
+        if "packets" not in ei or "kernel" not in ei:
+            continue
+        st = b["stats"]
+        pk = int(ei["packets"])
+        per = {k: st[k] * 1e9 / pk for k in ("median", "min", "max", "mean")}
+        rows.append({
+            "kernel": ei["kernel"], "batch": int(ei["batch"]), "size": int(ei["size"]), "packets": pk,
+            "rounds": int(st.get("rounds", 0)), "ns_per_packet": {k: round(v, 3) for k, v in per.items()},
+            "mpps_median": round(1e3 / per["median"], 2) if per["median"] > 0 else None,
+            "name": b.get("name"),
+        })
+    order = {k: i for i, k in enumerate(KERNEL_ORDER)}
+    rows.sort(key=lambda r: (order.get(r["kernel"], 99), r["size"], r["batch"]))
+    meta = {k: raw.get(k) for k in ("datetime", "version")}
+    mi = raw.get("machine_info", {})
+    meta["machine"] = {k: mi.get(k) for k in ("node", "processor", "python_version", "release")}
+    meta["cpu"] = (mi.get("cpu") or {}).get("brand_raw")
+    return rows, meta
+
+
+def table(rows: list[dict], size: int) -> str:
+    kernels = [k for k in KERNEL_ORDER if any(r["kernel"] == k and r["size"] == size for r in rows)]
+    kernels += sorted({r["kernel"] for r in rows if r["size"] == size} - set(kernels))
+    batches = sorted({r["batch"] for r in rows if r["size"] == size})
+    cell = {(r["kernel"], r["batch"]): r["ns_per_packet"] for r in rows if r["size"] == size}
+    out = [f"ns/packet, {size} B frames: median (min)", "",
+           "| batch | " + " | ".join(kernels) + " |", "|---:|" + "---:|" * len(kernels)]
+    for b in batches:
+        vals = []
+        for k in kernels:
+            c = cell.get((k, b))
+            vals.append(f"{c['median']:.1f} ({c['min']:.1f})" if c else "")
+        out.append(f"| {b} | " + " | ".join(vals) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kernels = [k for k in KERNEL_ORDER if any(r["kernel"] == k for r in rows)]
+    sizes = sorted({r["size"] for r in rows})
+    styles = ["-", "--", ":", "-."]
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    for ki, k in enumerate(kernels):
+        for si, s in enumerate(sizes):
+            pts = sorted((r["batch"], r["ns_per_packet"]) for r in rows if r["kernel"] == k and r["size"] == s)
+            if not pts:
+                continue
+            x = [p[0] for p in pts]
+            med = [p[1]["median"] for p in pts]
+            lo = [p[1]["min"] for p in pts]
+            hi = [p[1]["max"] for p in pts]
+            color = cmap(ki % 10)
+            ax.plot(x, med, styles[si % len(styles)], marker="o", ms=3, color=color, label=f"{k} {s} B")
+            ax.fill_between(x, lo, hi, color=color, alpha=0.08)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (chains per kernel call)")
+    ax.set_ylabel("ns / packet (median; band = min..max)")
+    ax.set_title("vring split-ring kernels, one thread, synthetic rings")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("raw", help="pytest-benchmark JSON (--benchmark-json=...)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory (default bench/results)")
+    args = ap.parse_args(argv)
+    rows, meta = load(args.raw)
+    if not rows:
+        print(f"no kernel benchmarks with extra_info in {args.raw}", file=sys.stderr)
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    out_json = os.path.join(args.out, "kernels.json")
+    with open(out_json, "w") as f:
+        json.dump({"source": os.path.abspath(args.raw), **meta, "unit": "ns/packet", "results": rows}, f, indent=1)
+    out_png = os.path.join(args.out, "kernels_ns_per_packet.png")
+    plot(rows, out_png)
+    for s in sorted({r["size"] for r in rows}):
+        print(table(rows, s))
+        print()
+    print(f"wrote {out_json} and {out_png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
