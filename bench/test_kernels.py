@@ -9,7 +9,7 @@ Kernels (ns/packet = time of one call / packets it moved):
   pop      avail_count + avail_head + walk_chain per chain, put_used, publish_used per batch (TX ring)
   push     put_used per chain + publish_used per batch (used ring only)
   notify   call() once per batch (the fence + suppression check; no eventfd: the driver polls)
-  scatter  _scatter of one frame (12-byte header + frame) per packet: memcpy only, no ring work
+  scatter  _copy_frame of one frame (12-byte header + frame) per packet: memcpy only, no ring work
   deliver  _deliver per frame into the RX ring (RX chain walk + header + copy + put_used) + publish
   forward  _forward_batch TX -> RX: everything the data plane does per batch, copy included
 
@@ -32,7 +32,7 @@ import pytest
 from numba import njit
 
 from devices.capture import empty as no_capture
-from devices.net import MODE_FORWARD, _deliver, _forward_batch, _scatter, new_scratch
+from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, new_scratch
 from vring.ring import begin, publish
 from devices.net import test_frame as make_frame
 from vring.frontend import GPA_BASE, NET_HDR, Frontend
@@ -186,7 +186,7 @@ def scatter_rounds(rounds, batch, src_base, dst_base, qsize, nbytes):
             off = np.uint64(k & (qsize - 1)) * np.uint64(2048)
             c_hva[0] = src_base + off
             d_hva[0] = dst_base + off
-            _scatter(c_hva, c_len, d_hva, d_len, nbytes)
+            _copy_frame(c_hva, c_len, 1, 0, d_hva, d_len, 0, nbytes)
             k += 1
     return k
 

@@ -22,7 +22,7 @@ from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, cycles
+from vring.ordering import copy_bytes, cycles, store_u16, store_u64
 from vring.protocol import PF, F
 from vring.ring import EMPTY, begin, call, cursor, pop, publish, put_used, rollback
 from vring.split import MAX_SEGS
@@ -51,19 +51,26 @@ def _mark_broken(qs, counters, q, code):
 
 
 @kernel
-def _scatter(c_hva, c_len, d_hva, d_len, nbytes):
-    """Copy nbytes from source pieces to destination pieces (both long enough)."""
+def _copy_frame(s_hva, s_len, ns, skip, d_hva, d_len, d_off, nbytes):
+    """Copy nbytes from the source pieces (after ``skip`` bytes) to the destination pieces
+    (after ``d_off`` bytes); both sides are known to be long enough. Usually one memcpy."""
     si = 0
-    so = np.uint64(0)
+    so = np.uint64(skip)
+    while si < ns and so >= s_len[si]:
+        so -= s_len[si]
+        si += 1
     di = 0
-    do = np.uint64(0)
+    do = np.uint64(d_off)
+    while do >= d_len[di]:
+        do -= d_len[di]
+        di += 1
     while nbytes > 0:
-        k = min(c_len[si] - so, d_len[di] - do, nbytes)
-        copy_bytes(d_hva[di] + do, c_hva[si] + so, k)
+        k = min(s_len[si] - so, d_len[di] - do, nbytes)
+        copy_bytes(d_hva[di] + do, s_hva[si] + so, k)
         so += k
         do += k
         nbytes -= k
-        if so == c_len[si]:
+        if so == s_len[si]:
             si += 1
             so = np.uint64(0)
         if do == d_len[di]:
@@ -118,23 +125,20 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
         nch += 1
         cap += ln
     # virtio_net_hdr: no offloads negotiated, so flags/gso are zero; num_buffers = chains used
-    hdr[:] = 0
-    hdr[10] = nch & 0xFF
-    hdr[11] = nch >> 8
-    c_hva[0] = np.uint64(hdr.ctypes.data)
-    c_len[0] = hl
-    nc = 1
-    skip = np.uint64(src_hdr)
-    for j in range(ns):
-        ln = s_len[j]
-        if skip >= ln:
-            skip -= ln
-            continue
-        c_hva[nc] = s_hva[j] + skip
-        c_len[nc] = ln - skip
-        skip = np.uint64(0)
-        nc += 1
-    _scatter(c_hva, c_len, d_hva, d_len, need)
+    if d_len[0] >= hl:
+        h = d_hva[0]  # the common case: the header fits in the first piece, write it in place
+        store_u64(h, np.uint64(0))
+        store_u16(h + np.uint64(8), np.uint16(0))
+        if hl >= 12:
+            store_u16(h + np.uint64(10), np.uint16(nch))
+    else:
+        hdr[:] = 0
+        hdr[10] = nch & 0xFF
+        hdr[11] = nch >> 8
+        c_hva[0] = np.uint64(hdr.ctypes.data)
+        c_len[0] = hl
+        _copy_frame(c_hva, c_len, 1, 0, d_hva, d_len, 0, hl)
+    _copy_frame(s_hva, s_len, ns, src_hdr, d_hva, d_len, hl, flen)
     rem = need
     for k in range(nch):
         used = min(rx_caps[k], rem)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -146,6 +147,7 @@ class Conn:
         "peer_fwd_cnt",
         "pending",
         "queued",
+        "record",
         "rx_cnt",
         "sock",
         "state",
@@ -177,6 +179,7 @@ class Conn:
         self.closed = False
         self.credit_asked = False
         self.update_queued = False
+        self.record = b""  # SEQPACKET: the rest of a host record not yet sent to the guest
 
     def credit(self) -> int:
         """Bytes we may still send the guest (its buf_alloc minus what it hasn't consumed)."""
@@ -242,6 +245,7 @@ class VsockDevice(Device):
         self.seg_hva = np.zeros(MAX_SEGS, np.uint64)
         self.seg_len = np.zeros(MAX_SEGS, np.uint64)
         self.info = np.zeros(3, np.int64)
+        self.record_buf = bytearray(MAX_PKT_PAYLOAD)
         self.dirty: set[int] = set()
         self._kick_keys: list = []
         self.worker = Worker("vsock", vsock_loop, self._args, cpus=cpus)
@@ -293,10 +297,8 @@ class VsockDevice(Device):
                 self.sel.unregister(vm.listener)
                 vm.listener.close()
                 vm.listener = None
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(vm.cfg.uds_path)
-                except FileNotFoundError:
-                    pass
         self.sel.close()
 
     def port_counters(self, port: int) -> dict[str, int]:
@@ -321,10 +323,9 @@ class VsockDevice(Device):
                 log.info("vm cid=%d: rings stopped; dropping %d connection(s)", vm.cid, len(vm.conns))
                 self._drop_all(vm, rst=False)
                 vm.reset_event = True
-            elif running and not vm.running:
+            elif running and not vm.running and (int(qs[vm.tx]["last_avail_idx"]) or int(qs[vm.rx]["last_avail_idx"])):
                 # rings resumed mid-stream: the driver had connections with another back-end incarnation
-                if int(qs[vm.tx]["last_avail_idx"]) or int(qs[vm.rx]["last_avail_idx"]):
-                    vm.reset_event = True
+                vm.reset_event = True
             vm.running = running
             vm.views = [(r.hva, r.size, memoryview(r.array)) for r in self.memory[vm.index].regions]
             for k in (RX, TX, EV):
@@ -335,19 +336,16 @@ class VsockDevice(Device):
                     set_kicks(qs, row, True)
                 fd = int(q["kick_fd"])
                 if fd >= 0 and q["ready"]:
-                    try:
+                    # the same fd for two rings: one registration serves both
+                    with contextlib.suppress(KeyError, ValueError, OSError):
                         self._kick_keys.append(self.sel.register(fd, selectors.EVENT_READ, ("kick", vm)))
-                    except (KeyError, ValueError, OSError):
-                        pass  # the same fd for two rings: one registration serves both
             for conn in list(vm.conns.values()):
                 self._interest(conn)
 
     def _leave(self) -> None:
         for key in self._kick_keys:
-            try:
+            with contextlib.suppress(KeyError, ValueError, OSError):
                 self.sel.unregister(key.fileobj)
-            except (KeyError, ValueError, OSError):
-                pass
         self._kick_keys = []
         for vm in self.vms:
             vm.views = []  # no view of guest memory may outlive the loop (memory may be replaced)
@@ -365,7 +363,7 @@ class VsockDevice(Device):
         out = []
         hvas = self.seg_hva[:n].tolist()
         lens = self.seg_len[:n].tolist()
-        for hva, ln in zip(hvas, lens):
+        for hva, ln in zip(hvas, lens, strict=False):
             if limit <= 0:
                 break
             if skip >= ln:
@@ -607,10 +605,8 @@ class VsockDevice(Device):
                 conn.fwd_cnt += n
                 self._credit_update_if_due(conn)
         if not conn.pending and conn.guest_shut_send and not conn.host_eof:
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
     def _credit_update_if_due(self, conn: Conn) -> None:
         if conn.fwd_cnt - conn.fwd_sent >= conn.buf_alloc // 2 and not conn.update_queued:
@@ -747,13 +743,12 @@ class VsockDevice(Device):
             self._requeue(conn)
             return
         flags = 0
+        if conn.type == TYPE_SEQPACKET:
+            del views
+            self._rx_host_record(vm, conn, cap)
+            return
         try:
-            if conn.type == TYPE_SEQPACKET:
-                n, _, mflags, _ = conn.sock.recvmsg_into(views)
-                if n and not mflags & socket.MSG_TRUNC:
-                    flags = SEQ_EOM
-            else:
-                n = conn.sock.recvmsg_into(views)[0] if len(views) > 1 else conn.sock.recv_into(views[0])
+            n = conn.sock.recvmsg_into(views)[0] if len(views) > 1 else conn.sock.recv_into(views[0])
         except (BlockingIOError, InterruptedError):
             del views
             self._interest(conn)  # drained: wait for the selector again
@@ -778,6 +773,41 @@ class VsockDevice(Device):
         self._put(vm, HDR_LEN + n)
         self.counters[vm.rx, C_BYTES] += n
         conn.rx_cnt += n
+        self._requeue(conn)
+
+    def _rx_host_record(self, vm: Vm, conn: Conn, cap: int) -> None:
+        """SEQPACKET toward the guest: a record may exceed one receive buffer, so it is read whole
+        (a copy) and sent in pieces, EOM on the last."""
+        if not conn.record:
+            try:
+                n, _, mflags, _ = conn.sock.recvmsg_into([self.record_buf])
+            except (BlockingIOError, InterruptedError):
+                self._interest(conn)
+                return
+            except OSError:
+                n, mflags = -1, 0
+            if n <= 0:
+                op, fl = (OP_SHUTDOWN, SHUTDOWN_SEND) if n == 0 else (OP_RST, 0)
+                self._write_chain(vm, self._hdr_for(vm, conn, HOST_CID, conn.local, conn.peer, conn.type, op, fl, 0))
+                self._put(vm, HDR_LEN)
+                if n == 0:
+                    conn.host_eof = True
+                    self._maybe_finish(conn)
+                    self._interest(conn)
+                else:
+                    self._close(conn, rst=False)
+                return
+            if mflags & socket.MSG_TRUNC:
+                vm.stats["seqpacket_truncated"] += 1
+            conn.record = bytes(self.record_buf[:n])
+        k = min(cap, len(conn.record))
+        piece, conn.record = conn.record[:k], conn.record[k:]
+        flags = 0 if conn.record else SEQ_EOM
+        self._write_chain(vm, self._hdr_for(vm, conn, HOST_CID, conn.local, conn.peer, conn.type, OP_RW, flags, k)
+                          + piece)
+        self._put(vm, HDR_LEN + k)
+        self.counters[vm.rx, C_BYTES] += k
+        conn.rx_cnt += k
         self._requeue(conn)
 
     def _requeue(self, conn: Conn) -> None:
@@ -939,6 +969,18 @@ class VsockDevice(Device):
         return {vm.cid: {**self.port_counters(vm.index), **dict(vm.stats)} for vm in self.vms}
 
 
+def _guarded(dev: VsockDevice, vm: Vm, step) -> bool:
+    """A bug in the packet logic resets that guest's connections instead of stopping the data plane."""
+    try:
+        return bool(step(vm))
+    except Exception:
+        log.exception("vm cid=%d: internal error; resetting its connections", vm.cid)
+        vm.stats["internal_errors"] += 1
+        dev._drop_all(vm, rst=False)
+        vm.reset_event = True
+        return False
+
+
 def vsock_loop(ctrl: np.ndarray, dev: VsockDevice) -> None:
     """The vsock data plane: select, then work every guest's rings, until the control plane pauses us."""
     if ctrl[CMD] != RUN:
@@ -957,10 +999,8 @@ def vsock_loop(ctrl: np.ndarray, dev: VsockDevice) -> None:
                 if kind == "conn":
                     dev._host_event(obj, mask)
                 elif kind == "kick" or kind == "wake":
-                    try:
+                    with contextlib.suppress(OSError):
                         os.read(key.fd, 8)
-                    except OSError:
-                        pass
                 elif kind == "listen":
                     dev._accept(obj)
             if ctrl[CMD] != RUN:
@@ -971,10 +1011,10 @@ def vsock_loop(ctrl: np.ndarray, dev: VsockDevice) -> None:
                 next_timer = now + 0.25
             more = False
             for vm in dev.vms:  # all tx first: replies and relayed packets they queue go out this round
-                more |= dev._tx(vm)
+                more |= _guarded(dev, vm, dev._tx)
             for vm in dev.vms:
-                more |= dev._rx(vm)
-                dev._events(vm)
+                more |= _guarded(dev, vm, dev._rx)
+                _guarded(dev, vm, dev._events)
             for row in dev.dirty:
                 notify(dev.qstate, dev.counters, row, dev.one)
             dev.dirty.clear()

@@ -18,6 +18,7 @@ calling process, for notebooks and tests.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -176,7 +177,8 @@ class ControlServer:
         elif cmd == "snapshot":
             buf = io.BytesIO()
             meta = {**self.meta, "sample": sample(self.dev, self.server)}
-            np.savez_compressed(buf, **vi.snapshot_arrays(self.dev, json.loads(json.dumps(meta, default=_json_default))))
+            meta = json.loads(json.dumps(meta, default=_json_default))
+            np.savez_compressed(buf, **vi.snapshot_arrays(self.dev, meta))
             data = buf.getvalue()
             self._reply(conn, {"ok": True, "bytes": len(data)}, data)
         elif cmd == "queue":
@@ -194,10 +196,8 @@ class ControlServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
 
 
 class ControlClient:

@@ -29,6 +29,7 @@ a chain is named by its first slot (``head``) and the buffer id it carries (``id
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -642,10 +643,8 @@ def _read_indirect(desc: np.ndarray, read, dtype: np.dtype = DESC) -> dict[int, 
         addr, ln = int(e["addr"]), int(e["len"])
         if ln == 0 or ln % 16 or ln > 16 * 32768 or addr in out:
             continue
-        try:
+        with contextlib.suppress(Unmapped):
             out[addr] = np.frombuffer(read(addr, ln), dtype).copy()
-        except Unmapped:
-            pass
     return out
 
 
@@ -707,10 +706,8 @@ def queues(dev, retries: int = RETRIES) -> dict[tuple[int, int], QueueState]:
     """Copies of every started queue of a device, keyed (port, vring)."""
     out = {}
     for port, index in ready_rows(dev):
-        try:
+        with contextlib.suppress(Unmapped):
             out[(port, index)] = queue(dev, port, index, retries=retries)
-        except Unmapped:
-            pass
     return out
 
 
