@@ -1126,7 +1126,14 @@ def cmd_vsock(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    dev.open()
+    try:
+        dev.open()
+    except OSError as e:
+        log.error("vring vsock: %s", e)
+        for vm in dev.vms:
+            if vm.listener is not None:
+                vm.listener.close()
+        return 2
     dev.start()
     try:
         server.open()

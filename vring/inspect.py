@@ -607,7 +607,10 @@ def make_state(layout: str, **kw) -> QueueState:
 def _hva_read(memory, hva: int, n: int) -> bytes:
     """Copy n bytes at host address hva from one mapped region (mmap slicing: a copy, no export)."""
     for r in list(memory.regions):
-        base = r.hva
+        try:
+            base = r.hva
+        except AttributeError:  # removed (its view dropped) while we looked
+            continue
         if base <= hva and hva + n <= base + r.size:
             off = r.mmap_offset + (hva - base)
             try:
@@ -733,7 +736,7 @@ def broken_reason(code: int) -> str:
         return ""
     from vring.split import BROKEN_REASONS
 
-    return BROKEN_REASONS.get(code, "ring addresses outside guest memory" if code == 100 else f"code {code}")
+    return BROKEN_REASONS.get(code, f"code {code}")
 
 
 def _queue_rows(qstate: np.ndarray, counters: np.ndarray, nvq: int, ring_pos: dict | None = None) -> list[dict]:

@@ -90,6 +90,10 @@ class Session:
         buf = bytearray()
         try:
             while len(buf) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("front-end stopped mid-message")
+                self.sock.settimeout(left)
                 chunk = self.sock.recv(n - len(buf))
                 if not chunk:
                     raise ProtocolError("connection closed mid-message", fatal=True)
@@ -137,6 +141,10 @@ class Session:
         try:
             spec = P.check_message(request, payload, len(fds))
         except ProtocolError as e:
+            known = request in P.REQUESTS.keys()
+            if known and P.REQUESTS[Req(request)].reply:
+                # the front-end waits for a reply we can't give: close rather than leave it hanging
+                raise ProtocolError(f"{e}; closing", fatal=True) from None
             log.warning("%s: %s", self.name, e)
             if need_ack:
                 self._send(request, P.u64(1))
@@ -257,6 +265,11 @@ class Session:
         else:
             if not fds:
                 raise Failed(f"{which} fd missing")
+            if _fd_kind(fds[0]) != "anon_inode:[eventfd]":
+                raise Failed(f"{which} fd is not an eventfd ({_fd_kind(fds[0])})")
+            # The data plane must never block on it: a front-end could fill the counter of a call
+            # eventfd, or drain a kick eventfd between our poll() and read().
+            os.set_blocking(fds[0], False)
             fd = self._take_fd(fds)
         with self.dev.paused():
             self._sync(val & P.VRING_IDX_MASK)
