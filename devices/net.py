@@ -24,7 +24,7 @@ from vring.jit import kernel
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import copy_bytes, cycles, store_u16, store_u64
 from vring.protocol import PF, F
-from vring.ring import EMPTY, begin, call, cursor, pop, publish, put_used, rollback
+from vring.ring import EMPTY, begin, call, cursor, pop, prefetch_batch, publish, put_used, rollback
 from vring.split import MAX_SEGS
 
 log = logging.getLogger(__name__)
@@ -163,12 +163,15 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
         return 0
     if n == 0:
         return 0
+    prefetch_batch(qs, src, regions, min(n, burst), 0)
     dst_ok = mode == MODE_FORWARD and _ready(qs, dst)
     if dst_ok:
         b = begin(qs, dst)
         if b < 0:
             _mark_broken(qs, counters, dst, -b)
             dst_ok = False
+        else:
+            prefetch_batch(qs, dst, regions, min(max(b, 1), burst), 1)
     dst_began = dst_ok
     done = 0
     hl = np.uint64(qs[src]["hdr_len"])
@@ -231,6 +234,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
         return 0
     if a == 0:
         return 0
+    prefetch_batch(qs, dst, regions, min(a, burst), 1)
     s_hva[0] = np.uint64(frame.ctypes.data)
     s_len[0] = np.uint64(frame.shape[0])
     flen = np.uint64(frame.shape[0])

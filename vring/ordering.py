@@ -155,3 +155,26 @@ def cycles(typingctx):
         return builder.call(fn, [])
 
     return sig, codegen
+
+
+def _prefetcher(rw):
+    @intrinsic
+    def prefetch(typingctx, addr):
+        sig = types.void(types.uint64)
+
+        def codegen(context, builder, signature, args):
+            fnty = ir.FunctionType(ir.VoidType(), [_I8P, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+            i32 = ir.IntType(32)
+            builder.call(fn, [builder.inttoptr(args[0], _I8P), ir.Constant(i32, rw), ir.Constant(i32, 3),
+                              ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return prefetch
+
+
+# hints to pull the cache line at an address close, for reading or for writing; they never fault
+prefetch_read = _prefetcher(0)
+prefetch_write = _prefetcher(1)

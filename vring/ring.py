@@ -12,7 +12,7 @@ from vring import packed as P
 from vring import split as S
 from vring.jit import kernel
 from vring.layout import C_CALLS
-from vring.ordering import sys_write
+from vring.ordering import load_u16, load_u64, prefetch_read, prefetch_write, sys_write
 
 EMPTY = P.EMPTY
 
@@ -111,3 +111,41 @@ def has_work(qs, q):
     if qs[q]["packed"]:
         return 1 if P.is_avail(qs, q, np.int64(qs[q]["last_avail_idx"]), np.int64(qs[q]["avail_wrap"])) else 0
     return S.avail_count(qs, q)
+
+
+@kernel
+def prefetch_batch(qs, q, regions, n, write):
+    """Pull the next ``n`` chains' descriptors, then their first buffer lines, into the cache.
+
+    Issued together the misses overlap; walked one chain at a time they would queue up, one
+    descriptor and one buffer per frame (the lines were last written by the driver's core).
+    Only hints: nothing is validated here beyond staying inside the rings and guest memory.
+    """
+    size = np.int64(qs[q]["size"])
+    desc = qs[q]["desc"]
+    packed = qs[q]["packed"]
+    n = min(n, size)
+    for i in range(n):
+        if packed:
+            prefetch_read(desc + np.uint64(16 * ((np.int64(qs[q]["last_avail_idx"]) + i) % size)))
+        else:
+            h = np.int64(load_u16(qs[q]["avail"] + np.uint64(4 + 2 * ((np.int64(qs[q]["last_avail_idx"]) + i)
+                                                                        & (size - 1)))))
+            if h < size:
+                prefetch_read(desc + np.uint64(16 * h))
+    mem = qs[q]["mem"]
+    for i in range(n):
+        if packed:
+            d = desc + np.uint64(16 * ((np.int64(qs[q]["last_avail_idx"]) + i) % size))
+        else:
+            h = np.int64(load_u16(qs[q]["avail"] + np.uint64(4 + 2 * ((np.int64(qs[q]["last_avail_idx"]) + i)
+                                                                        & (size - 1)))))
+            if h >= size:
+                continue
+            d = desc + np.uint64(16 * h)
+        hva = S.translate_one(regions, mem, load_u64(d), np.uint64(1))
+        if hva != 0:
+            if write:
+                prefetch_write(hva)
+            else:
+                prefetch_read(hva)
