@@ -10,6 +10,8 @@ Directions (frontend mode -> vring mode / testpmd forward mode):
   tx    frontend txonly  -> vring sink     / testpmd rxonly   (rate: frames the frontend got into the ring)
   rx    frontend rxonly  -> vring source   / testpmd txonly   (rate: frames the frontend received)
   loop  frontend flowgen -> vring loopback / testpmd io       (rate: frames the frontend received back)
+  xconnect  two ports, frontend flowgen on both -> vring xconnect / testpmd io between two net_vhost
+        ports (rate: frames received on both ports together)
 Frontends: ``testpmd`` (DPDK virtio-user) and ``vring`` (``python -m vring frontend``, the jitted
 in-tree generator). The rate is always read on the frontend side, so both back-ends are measured
 with the same ruler: testpmd's own per-period pps samples (TSC-timed), or the in-tree generator's
@@ -46,10 +48,15 @@ ROOT = os.path.dirname(HERE)
 TESTPMD = os.environ.get("TESTPMD", "dpdk-testpmd")
 DPDK_RUN = "/var/run/dpdk" if os.getuid() == 0 else os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "dpdk")
 
-VRING_MODE = {"tx": "sink", "rx": "source", "loop": "loopback"}
-DPDK_MODE = {"tx": "rxonly", "rx": "txonly", "loop": "io"}
-FE_TESTPMD_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen"}
-FE_VRING_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen"}
+VRING_MODE = {"tx": "sink", "rx": "source", "loop": "loopback", "xconnect": "xconnect"}
+DPDK_MODE = {"tx": "rxonly", "rx": "txonly", "loop": "io", "xconnect": "io"}
+FE_TESTPMD_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen", "xconnect": "flowgen"}
+FE_VRING_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen", "xconnect": "flowgen"}
+
+
+def socks(sock: str, direction: str) -> list[str]:
+    """The back-end's sockets: two ports for a cross-connect (frames go port 0 <-> port 1), else one."""
+    return [sock, sock.replace(".sock", "b.sock")] if direction == "xconnect" else [sock]
 
 
 def log(msg: str) -> None:
@@ -121,9 +128,10 @@ def wait_for(pred, timeout: float, procs: list[Proc], step: float = 0.1) -> bool
 
 
 # ---------------------------------------------------------------- parsing
-def testpmd_samples(text: str, key: str) -> list[float]:
-    """Per-period pps samples (--stats-period) for key Rx-pps or Tx-pps, in Mpps."""
-    return [int(m) / 1e6 for m in re.findall(rf"{key}:\s+(\d+)", text)]
+def testpmd_samples(text: str, key: str, ports: int = 1) -> list[float]:
+    """Per-period pps samples (--stats-period) for key Rx-pps or Tx-pps, in Mpps, summed over ports."""
+    v = [int(m) / 1e6 for m in re.findall(rf"{key}:\s+(\d+)", text)]
+    return [sum(v[i : i + ports]) for i in range(0, len(v) - ports + 1, ports)]
 
 
 def after_start(samples: list[float], skip: int) -> list[float]:
@@ -186,12 +194,16 @@ class Runner:
 
     def backend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str) -> Proc:
         if kind == "vring":
-            argv = ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net", "--socket", sock,
+            argv = ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net",
+                    *[a for s in socks(sock, direction) for a in ("--socket", s)],
                     "--mode", VRING_MODE[direction], "--poll", "--cpus", str(self.be_cpu), "--burst", str(burst),
                     "--frame-size", str(size)]
             return Proc("be_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.fe_cpu},1@{self.be_cpu}", "--no-pci", "--no-huge",
-                "-m", "256", f"--file-prefix={tag}_be", "--vdev", f"net_vhost0,iface={sock},queues=1", "--",
+                "-m", "256", f"--file-prefix={tag}_be",
+                *[a for i, s in enumerate(socks(sock, direction))
+                  for a in ("--vdev", f"net_vhost{i},iface={s},queues=1")],
+                "--",
                 f"--forward-mode={DPDK_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
                 f"--burst={burst}", f"--txpkts={size}", "--nb-cores=1", "--record-burst-stats"]
         return Proc("be_dpdk", argv, d)
@@ -199,12 +211,16 @@ class Runner:
     def frontend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str) -> Proc:
         if kind == "vring":
             secs = self.a.warmup + self.a.seconds + 2
-            argv = ["taskset", "-c", str(self.fe_cpu), sys.executable, "-m", "vring", "frontend", "--socket", sock,
+            argv = ["taskset", "-c", str(self.fe_cpu), sys.executable, "-m", "vring", "frontend",
+                    *[a for s in socks(sock, direction) for a in ("--socket", s)],
                     "--mode", FE_VRING_MODE[direction], "--burst", str(burst), "--frame-size", str(size),
                     "--seconds", str(secs), "--wait", "60"]
             return Proc("fe_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.be_cpu},1@{self.fe_cpu}", "--no-pci", "--no-huge",
-                "-m", "256", f"--file-prefix={tag}_fe", "--vdev", f"net_virtio_user0,path={sock},queues=1", "--",
+                "-m", "256", f"--file-prefix={tag}_fe",
+                *[a for i, s in enumerate(socks(sock, direction))
+                  for a in ("--vdev", f"net_virtio_user{i},path={s},queues=1")],
+                "--",
                 f"--forward-mode={FE_TESTPMD_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
                 f"--burst={burst}", f"--txpkts={size}", "--rxq=1", "--txq=1", "--nb-cores=1"]
         return Proc("fe_testpmd", argv, d)
@@ -218,15 +234,16 @@ class Runner:
         try:
             bep = self.backend(be, direction, burst, size, sock, tag, d)
             procs.append(bep)
-            if not wait_for(lambda: os.path.exists(sock), 60, [bep]):
+            if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, direction)), 60, [bep]):
                 res["error"] = "backend socket did not appear"
                 return res
             fep = self.frontend(fe, direction, burst, size, sock, tag, d)
             procs.append(fep)
             key = "tx" if direction == "tx" else "rx"
+            nports = len(socks(sock, direction))
             if fe == "testpmd":
                 pmd_key = "Tx-pps" if key == "tx" else "Rx-pps"
-                started = wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), pmd_key)), 60, procs)
+                started = wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), pmd_key, nports)), 60, procs)
             else:
                 started = wait_for(lambda: any(s > 0 for s in vring_fe_samples(fep.text(), key)), 60, procs)
             if not started:
@@ -243,7 +260,7 @@ class Runner:
             bep.stop()
             ft, bt = fep.text(), bep.text()
             if fe == "testpmd":
-                samples = after_start(testpmd_samples(ft, "Tx-pps" if key == "tx" else "Rx-pps"),
+                samples = after_start(testpmd_samples(ft, "Tx-pps" if key == "tx" else "Rx-pps", nports),
                                       max(0, round(self.a.warmup)))
                 res["fe_totals"] = testpmd_totals(ft)
             else:
@@ -269,10 +286,11 @@ class Runner:
             res["seconds"] = round(time.monotonic() - t_start, 1)
             for suffix in ("_be", "_fe"):
                 shutil.rmtree(os.path.join(DPDK_RUN, tag + suffix), ignore_errors=True)
-            try:
-                os.unlink(sock)
-            except FileNotFoundError:
-                pass
+            for s in socks(sock, direction):
+                try:
+                    os.unlink(s)
+                except FileNotFoundError:
+                    pass
 
 
 # ---------------------------------------------------------------- summary, plot
@@ -341,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="tiny matrix: both frontends, tx, burst 32, 64 B, 2 reps, 3 s (< 2 min)")
     ap.add_argument("--frontends", default="testpmd,vring", help="testpmd,vring")
-    ap.add_argument("--dirs", default="tx,rx,loop", help="tx,rx,loop")
+    ap.add_argument("--dirs", default="tx,rx,loop,xconnect", help="tx,rx,loop,xconnect")
     ap.add_argument("--bursts", default="1,8,32,64")
     ap.add_argument("--sizes", default="64,512,1500")
     ap.add_argument("--reps", type=int, default=3)

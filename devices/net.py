@@ -22,7 +22,7 @@ from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, cycles, store_u16, store_u64
+from vring.ordering import copy_bytes, cpu_relax, cycles, store_u16, store_u64
 from vring.protocol import PF, F
 from vring.ring import EMPTY, begin, call, cursor, pop, prefetch_batch, publish, put_used, rollback
 from vring.split import MAX_SEGS
@@ -301,6 +301,7 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
             idle = 0
         else:
             idle += 1
+            cpu_relax()
             if ctrl[IDLE_ROUNDS] > 0 and idle >= ctrl[IDLE_ROUNDS]:
                 idle_sleep(ctrl, qs, watch, pollfds, buf)
                 idle = 0

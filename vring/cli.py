@@ -103,15 +103,17 @@ def cmd_frontend(args: argparse.Namespace) -> int:
     from vring.frontend import Frontend
     from vring.generator import run
 
-    fe = Frontend(args.socket, queue_pairs=args.queues, queue_size=args.queue_size,
-                  buf_size=max(2048, args.frame_size + 64))
+    fes = [Frontend(path, queue_pairs=args.queues, queue_size=args.queue_size,
+                    buf_size=max(2048, args.frame_size + 64)) for path in args.socket]
     try:
-        fe.connect(timeout=args.wait)
-        fe.setup()
-        res = run(fe, args.mode, args.seconds, burst=args.burst, frame_size=args.frame_size,
+        for fe in fes:
+            fe.connect(timeout=args.wait)
+            fe.setup()
+        res = run(fes, args.mode, args.seconds, burst=args.burst, frame_size=args.frame_size,
                   report=None if args.quiet else _print_rates)
     finally:
-        fe.close()
+        for fe in fes:
+            fe.close()
     print(json.dumps({"mode": args.mode, "burst": args.burst, "frame_size": args.frame_size, **res}), flush=True)
     return 0
 
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture each port's frames (both directions) to a pcap file; {port} in FILE is the port "
                         "number (required with several ports)")
     n.add_argument("--pcap-limit", type=int, default=0, metavar="N", help="stop capturing after N frames")
-    n.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (default: run until a signal)")
+    n.add_argument("--seconds", type=float, default=0,
+                   help="stop after this many seconds (default: run until a signal)")
     n.add_argument("--control", metavar="PATH",
                    help="control socket for vring stats / vring snapshot (default /tmp/vring-<pid>.ctl, logged at "
                         "start; 'none': no control socket)")
@@ -185,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("frontend", help="the in-tree front-end as a jitted traffic generator",
                        description="Connect to a vhost-user net back-end (vring net, DPDK net_vhost, ...) as its "
                                    "front-end and generate or sink traffic from a nogil numba loop.")
-    g.add_argument("--socket", required=True, metavar="PATH")
+    g.add_argument("--socket", required=True, action="append", metavar="PATH",
+                   help="back-end socket; repeat to drive several ports from the same loop")
     g.add_argument("--mode", choices=("txonly", "rxonly", "flowgen"), default="flowgen",
                    help="txonly: send; rxonly: receive; flowgen: both (default)")
     g.add_argument("--burst", type=int, default=32)
@@ -203,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand: each has ``register(subparsers)`` adding a parser whose
 # defaults set ``func(args) -> int``.
-COMMAND_MODULES: list[str] = ["vring.stats", "devices.vsock"]
+COMMAND_MODULES: list[str] = ["vring.stats", "devices.vsock", "devices.switch"]
 
 
 def main(argv: list[str] | None = None) -> int:

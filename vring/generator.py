@@ -124,25 +124,27 @@ def drive(ctrl, rings, free, stats, burst):
 class Generator:
     """Drive a set-up ``Frontend`` in ``mode`` from a nogil thread."""
 
-    def __init__(self, fe: Frontend, mode: str = "flowgen", burst: int = 32, frame_size: int = 64):
+    def __init__(self, fes: Frontend | list[Frontend], mode: str = "flowgen", burst: int = 32,
+                 frame_size: int = 64):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
-        self.fe = fe
-        rings = []
-        for pair in range(len(fe.rings) // 2):
-            if mode in ("rxonly", "flowgen"):
-                rings.append((fe.rx(pair), False))
-            if mode in ("txonly", "flowgen"):
-                rings.append((fe.tx(pair), True))
+        self.fes = fes if isinstance(fes, list) else [fes]
+        rings = []  # (frontend, ring, is_tx): one nogil loop drives the rings of every front-end
+        for fe in self.fes:
+            for pair in range(len(fe.rings) // 2):
+                if mode in ("rxonly", "flowgen"):
+                    rings.append((fe, fe.rx(pair), False))
+                if mode in ("txonly", "flowgen"):
+                    rings.append((fe, fe.tx(pair), True))
         self.rings = np.zeros((len(rings), N_COLS), np.int64)
-        self.free = np.zeros((len(rings), fe.queue_size), np.int64)
+        self.free = np.zeros((len(rings), max(fe.queue_size for fe in self.fes)), np.int64)
         self.stats = np.zeros((len(rings), 4), np.int64)
-        self.tx_rows = [i for i, (_, tx) in enumerate(rings) if tx]
-        self.rx_rows = [i for i, (_, tx) in enumerate(rings) if not tx]
+        self.tx_rows = [i for i, (_, _, tx) in enumerate(rings) if tx]
+        self.rx_rows = [i for i, (_, _, tx) in enumerate(rings) if not tx]
         body = np.frombuffer((bytes(range(256)) * (frame_size // 256 + 1))[:frame_size], np.uint8).copy()
         body[0:6] = 0xFF  # broadcast: any switch floods it
         body[6:12] = (2, 0, 0, 0, 0, 1)
-        for i, (ring, tx) in enumerate(rings):
+        for i, (fe, ring, tx) in enumerate(rings):
             ring.take_used()
             base = fe.uaddr + ring.buf_off
             self.rings[i] = 0
@@ -191,7 +193,7 @@ class Generator:
         }
 
 
-def run(fe: Frontend, mode: str, seconds: float, burst: int = 32, frame_size: int = 64,
+def run(fe: Frontend | list[Frontend], mode: str, seconds: float, burst: int = 32, frame_size: int = 64,
         report=None) -> dict[str, float]:
     """Generate for ``seconds``; calls report(dict) each second; returns the totals and rates."""
     g = Generator(fe, mode, burst, frame_size)

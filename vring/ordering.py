@@ -178,3 +178,18 @@ def _prefetcher(rw):
 # hints to pull the cache line at an address close, for reading or for writing; they never fault
 prefetch_read = _prefetcher(0)
 prefetch_write = _prefetcher(1)
+
+
+@intrinsic
+def cpu_relax(typingctx):
+    """x86 PAUSE: an empty poll backs off a little, so the front-end's core isn't asked for the
+    shared ring lines at full speed (and a sibling hyperthread gets the pipeline)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                            "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
