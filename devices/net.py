@@ -329,7 +329,7 @@ class NetDevice(Device):
     kind = "net"
 
     def __init__(self, nports: int, mode: str, queues: int = 1, frame_size: int = 64, burst: int = 32,
-                 idle_rounds: int = 20000, cpus: list[int] | None = None):
+                 idle_rounds: int = 20000, cpus: list[int] | None = None, disable: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode == "xconnect" and nports != 2:
@@ -338,7 +338,7 @@ class NetDevice(Device):
         self.mode = mode
         self.queues = queues
         self.burst = burst
-        self.features = int(NET_FEATURES | (F.NET_MQ if queues > 1 else 0))
+        self.features = int(NET_FEATURES | (F.NET_MQ if queues > 1 else 0)) & ~disable
         self.protocol_features = int(NET_PROTOCOL_FEATURES)
         self.frame = test_frame(frame_size)
         self.links = self._links()

@@ -281,3 +281,18 @@ def test_pcap_capture_reads_back(vring_proc, sockdir):
         assert len(frames) == 50, (port, len(frames))
         assert [check(x) for x in frames] == list(range(50))
         assert all(len(x) == 100 for x in frames)
+
+
+def test_disabled_features_are_not_offered(vring_proc, sockdir):
+    """--disable removes features from the offer; traffic still flows on what remains (no MRG_RXBUF)."""
+    v, (a,) = start(vring_proc, sockdir, "--disable", "NET_MRG_RXBUF,ring_event_idx")
+    fe = Frontend(a, features=Frontend.DEFAULT_FEATURES | F.RING_EVENT_IDX)
+    fe.connect()
+    assert not fe.u64(Req.GET_FEATURES) & (F.NET_MRG_RXBUF | F.RING_EVENT_IDX)
+    fe.close()
+    fe = connect(a)
+    assert not fe.features & F.NET_MRG_RXBUF
+    assert pump(fe, fe, 300, size=1400) == list(range(300))
+    fe.close()
+    assert v.stop() == 0
+    assert "features NET_MRG_RXBUF" not in v.log_text()

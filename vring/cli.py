@@ -28,6 +28,19 @@ def parse_cpus(text: str) -> list[int]:
     return out
 
 
+def parse_features(text: str) -> int:
+    """'RING_PACKED,in_order' -> the mask of those virtio feature bits (names of vring.protocol.F)."""
+    from vring.protocol import F
+
+    mask = 0
+    for name in text.split(","):
+        try:
+            mask |= F[name.strip().upper()]
+        except KeyError:
+            raise SystemExit(f"unknown feature {name!r}; known: {', '.join(f.name for f in F)}") from None
+    return int(mask)
+
+
 def cmd_net(args: argparse.Namespace) -> int:
     from devices.net import NetDevice
     from vring.server import Server
@@ -35,7 +48,8 @@ def cmd_net(args: argparse.Namespace) -> int:
     mode = args.mode or ("xconnect" if len(args.socket) == 2 else "loopback")
     idle = 0 if args.poll else 1 if args.interrupt else args.idle_rounds
     dev = NetDevice(len(args.socket), mode, queues=args.queues, frame_size=args.frame_size, burst=args.burst,
-                    idle_rounds=idle, cpus=parse_cpus(args.cpus) if args.cpus else None)
+                    idle_rounds=idle, cpus=parse_cpus(args.cpus) if args.cpus else None,
+                    disable=parse_features(args.disable) if args.disable else 0)
     server = Server(dev, args.socket, client=args.client)
     pcap = None
     if args.pcap:
@@ -157,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="xconnect: port A <-> port B; loopback: frames come back; sink: count and drop; "
                         "source: generate --frame-size frames toward the front-end")
     n.add_argument("--queues", type=int, default=1, help="queue pairs per port (default 1)")
+    n.add_argument("--disable", metavar="FEATURES",
+                   help="virtio features not to offer, e.g. RING_PACKED,IN_ORDER,NET_MRG_RXBUF,RING_EVENT_IDX "
+                        "(the negotiated set of each port is logged)")
     n.add_argument("--frame-size", type=int, default=64, help="frame size for --mode source (default 64)")
     n.add_argument("--burst", type=int, default=32, help="frames per ring per round (default 32)")
     how = n.add_mutually_exclusive_group()
