@@ -1,0 +1,516 @@
+"""``vring switch``: an L2 learning switch between virtio-net ports (one port per vhost-user socket).
+
+Every frame a driver sends (TX vring of port p) is switched by its Ethernet header:
+
+- its source MAC (unless multicast) is learned on port p: the MAC table maps MAC -> port and
+  the time it was last seen; an entry older than ``age`` seconds is forgotten (ageing);
+- a frame for a learned unicast MAC goes to that port only (dropped, and counted as
+  ``filtered``, if that port is the ingress port: a frame never goes back out where it came in);
+- broadcast, multicast and unknown unicast frames are flooded to every other port whose RX
+  vring is ready (never the ingress port).
+
+The MAC table is three numpy arrays (key, port, last seen in cycles) of a power-of-two size with
+bounded linear probing (PROBE slots per MAC): learning and lookup do a fixed amount of work, no
+allocation and no deletion. A full window evicts its oldest entry. The data plane is
+``switch_loop``: one nogil numba loop, like devices.net's ``net_loop``, built from the same
+kernels (``_deliver`` writes a frame into an RX vring; the popped TX chain is delivered to N RX
+vrings and completed once).
+
+With several queue pairs, a frame from TX queue k goes to RX queue k of the destination port
+(RX queue 0 if k is not ready there), so the frames of one flow stay on one queue.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+
+import numpy as np
+from numba import njit
+
+from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
+from devices.capture import empty as no_capture
+from devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES, NetDevice, _deliver, _mark_broken, _ready, new_scratch
+from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep, running
+from vring.device import Device
+from vring.jit import kernel
+from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
+from vring.ordering import cycles, load_u8
+from vring.protocol import F
+from vring.ring import EMPTY, begin, call, pop, prefetch_batch, publish, put_used
+from vring.split import MAX_SEGS
+
+log = logging.getLogger(__name__)
+
+PROBE = 8  # slots a MAC may live in (from its hash on)
+KEY_VALID = np.uint64(1 << 63)  # set in every used key (so MAC 00:00:00:00:00:00 is a valid key)
+ETH_MACS = 12  # destination + source MAC
+
+# swstats slots
+S_LEARNED, S_MOVED, S_AGED, S_EVICTED, S_UNICAST, S_FLOODED, S_FILTERED, S_RUNTS = range(8)
+SWSTAT_NAMES = ("learned", "moved", "aged", "evicted", "unicast", "flooded", "filtered", "runts")
+# params slots
+P_AGE = 0  # entry lifetime in cycles (0: never age)
+
+
+@njit(cache=True)
+def _now():
+    return cycles()
+
+
+@kernel
+def _hash(mac, mask):
+    return np.int64(((mac * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & np.uint64(mask))
+
+
+@kernel
+def _stale(seen, now, age):
+    return age != 0 and now > seen and now - seen > age
+
+
+@kernel
+def learn(mac_key, mac_port, mac_seen, mac, port, now, age, st):
+    """Record that ``mac`` was seen on ``port`` at ``now`` (cycles)."""
+    key = mac | KEY_VALID
+    mask = mac_key.shape[0] - 1
+    h = _hash(mac, mask)
+    free = -1
+    oldest = -1
+    for i in range(PROBE):
+        j = (h + i) & mask
+        kj = mac_key[j]
+        if kj == key:
+            if _stale(mac_seen[j], now, age):
+                st[S_AGED] += 1
+                st[S_LEARNED] += 1
+            elif mac_port[j] != port:
+                st[S_MOVED] += 1
+            mac_port[j] = port
+            mac_seen[j] = now
+            return
+        if free < 0 and (kj == 0 or _stale(mac_seen[j], now, age)):
+            free = j
+        if oldest < 0 or mac_seen[j] < mac_seen[oldest]:
+            oldest = j
+    if free < 0:
+        free = oldest
+        st[S_EVICTED] += 1
+    elif mac_key[free] != 0:
+        st[S_AGED] += 1
+    mac_port[free] = port
+    mac_seen[free] = now
+    mac_key[free] = key
+    st[S_LEARNED] += 1
+
+
+@kernel
+def lookup(mac_key, mac_port, mac_seen, mac, now, age):
+    """The port ``mac`` was learned on, or -1 (unknown or aged out)."""
+    key = mac | KEY_VALID
+    mask = mac_key.shape[0] - 1
+    h = _hash(mac, mask)
+    for i in range(PROBE):
+        j = (h + i) & mask
+        if mac_key[j] == key:
+            if _stale(mac_seen[j], now, age):
+                return -1
+            return mac_port[j]
+    return -1
+
+
+@kernel
+def frame_macs(s_hva, s_len, ns, skip):
+    """(destination, source) MAC of the frame after ``skip`` header bytes, as 48-bit integers in
+    wire order (first byte most significant). The caller knows the frame has 12 bytes."""
+    si = 0
+    off = np.uint64(skip)
+    d = np.uint64(0)
+    s = np.uint64(0)
+    for i in range(ETH_MACS):
+        while si < ns and off >= s_len[si]:
+            off -= s_len[si]
+            si += 1
+        b = np.uint64(load_u8(s_hva[si] + off))
+        off += np.uint64(1)
+        if i < 6:
+            d = (d << np.uint64(8)) | b
+        else:
+            s = (s << np.uint64(8)) | b
+    return d, s
+
+
+@kernel
+def _is_multicast(mac):
+    return (mac >> np.uint64(40)) & np.uint64(1) != 0  # I/G bit of the first byte (broadcast too)
+
+
+@kernel
+def _rx_row(qs, rx_rows, port, k):
+    """The RX vring of ``port`` for TX queue k: queue k if ready, else queue 0, else -1."""
+    r = rx_rows[port, k]
+    if _ready(qs, r):
+        return r
+    r = rx_rows[port, 0]
+    if _ready(qs, r):
+        return r
+    return -1
+
+
+@kernel
+def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt, cap):
+    """Deliver one frame into RX vring ``row``, beginning its batch if this is its first frame.
+    Returns the new number of touched rows."""
+    if not began[row]:
+        b = begin(qs, row)
+        if b < 0:
+            _mark_broken(qs, counters, row, -b)
+            return nt
+        prefetch_batch(qs, row, regions, min(max(b, 1), 32), 1)
+        began[row] = 1
+        touched[nt] = row
+        nt += 1
+    r = _deliver(qs, regions, row, s_hva, s_len, ns, hl, flen, sc)
+    if r > 0:
+        counters[row, C_PACKETS] += 1
+        counters[row, C_BYTES] += flen
+        if cap[0][K_PORTS] != 0:
+            capture(cap[0], cap[1], cap[2], row, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
+    elif r == 0:
+        counters[row, C_DROPS] += 1
+    else:
+        _mark_broken(qs, counters, row, -r)
+    return nt
+
+
+@kernel
+def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, began, touched,
+                 mac_key, mac_port, mac_seen, params, st, cap):
+    """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them."""
+    src = tx_rows[port, k]
+    if not _ready(qs, src):
+        return -1
+    n = begin(qs, src)
+    if n < 0:
+        _mark_broken(qs, counters, src, -n)
+        return 0
+    if n == 0:
+        return 0
+    prefetch_batch(qs, src, regions, min(n, burst), 0)
+    now = cycles()
+    age = params[P_AGE]
+    nports = rx_rows.shape[0]
+    hl = np.uint64(qs[src]["hdr_len"])
+    capturing = cap[0][K_PORTS] != 0
+    done = 0
+    nt = 0
+    for _ in range(burst):
+        ns, total, bid, ndesc = pop(qs, src, regions, 0, s_hva, s_len, 0)
+        if ns == EMPTY:
+            break
+        if ns < 0:
+            _mark_broken(qs, counters, src, -ns)
+            break
+        put_used(qs, src, bid, 0, ndesc)  # published after every delivery below: the buffers stay ours
+        done += 1
+        if total < hl + ETH_MACS:
+            counters[src, C_ERRORS] += 1  # no Ethernet header to switch on
+            st[S_RUNTS] += 1
+            continue
+        flen = total - hl
+        counters[src, C_PACKETS] += 1
+        counters[src, C_BYTES] += flen
+        if capturing:
+            capture(cap[0], cap[1], cap[2], src, DIR_FROM_GUEST, s_hva, s_len, ns, hl, flen)
+        dmac, smac = frame_macs(s_hva, s_len, ns, hl)
+        if not _is_multicast(smac):
+            learn(mac_key, mac_port, mac_seen, smac, port, now, age, st)
+        out = -1 if _is_multicast(dmac) else lookup(mac_key, mac_port, mac_seen, dmac, now, age)
+        if out == port:
+            st[S_FILTERED] += 1  # the destination is behind the ingress port: never send it back
+        elif out >= 0:
+            st[S_UNICAST] += 1
+            row = _rx_row(qs, rx_rows, out, k)
+            if row < 0:
+                counters[rx_rows[out, 0], C_DROPS] += 1
+            else:
+                nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt, cap)
+        else:
+            st[S_FLOODED] += 1
+            for p in range(nports):
+                if p == port:
+                    continue
+                row = _rx_row(qs, rx_rows, p, k)
+                if row >= 0:
+                    nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt,
+                                  cap)
+    publish(qs, src)
+    if done > 0:
+        call(qs, src, counters, one)
+        counters[src, C_BATCHES] += 1
+    for i in range(nt):
+        row = touched[i]
+        began[row] = 0
+        delivered = qs[row]["u_count"]
+        publish(qs, row)
+        if delivered > 0:
+            call(qs, row, counters, one)
+            counters[row, C_BATCHES] += 1
+    return done
+
+
+@njit(nogil=True, cache=True)
+def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac_key, mac_port, mac_seen, params,
+                st, polls, busy, cap):
+    """The switch data plane: every TX queue of every port, round after round, until told to stop."""
+    one = np.ones(1, np.uint64)
+    buf = np.zeros(1, np.uint64)
+    pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
+    s_hva = np.zeros(MAX_SEGS, np.uint64)
+    s_len = np.zeros(MAX_SEGS, np.uint64)
+    sc = new_scratch()
+    began = np.zeros(qs.shape[0], np.uint8)
+    touched = np.zeros(qs.shape[0], np.int64)
+    idle = 0
+    while running(ctrl):
+        work = 0
+        for k in range(tx_rows.shape[1]):
+            for p in range(tx_rows.shape[0]):
+                t0 = cycles()
+                done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc,
+                                    began, touched, mac_key, mac_port, mac_seen, params, st, cap)
+                if done > 0:
+                    busy[0] += cycles() - t0
+                    busy[1] += done
+                    work += done
+                if done >= 0:
+                    polls[min(done, burst)] += 1
+        ctrl[ROUNDS] += 1
+        if work > 0:
+            ctrl[BUSY_ROUNDS] += 1
+            idle = 0
+        else:
+            idle += 1
+            if ctrl[IDLE_ROUNDS] > 0 and idle >= ctrl[IDLE_ROUNDS]:
+                idle_sleep(ctrl, qs, watch, pollfds, buf)
+                idle = 0
+
+
+def mac_str(mac: int) -> str:
+    return ":".join(f"{(mac >> (8 * (5 - i))) & 0xFF:02x}" for i in range(6))
+
+
+def mac_int(text: str) -> int:
+    return int(text.replace(":", "").replace("-", ""), 16)
+
+
+class SwitchDevice(NetDevice):
+    """vring switch: ``nports`` virtio-net ports of ``queues`` queue pairs, joined by a learning switch.
+
+    Reuses NetDevice's per-queue set-up (header length, mergeable buffers), queue count, poll
+    statistics and port counters; the data plane is ``switch_loop``.
+    """
+
+    kind = "switch"
+
+    def __init__(self, nports: int, queues: int = 1, burst: int = 32, age: float = 300.0, table_size: int = 4096,
+                 idle_rounds: int = 20000, cpus: list[int] | None = None):
+        if nports < 1:
+            raise ValueError("a switch needs at least one port")
+        if table_size < PROBE or table_size & (table_size - 1):
+            raise ValueError(f"the MAC table size must be a power of two >= {PROBE}")
+        Device.__init__(self, nports, 2 * queues)
+        self.mode = "switch"
+        self.queues = queues
+        self.burst = burst
+        self.features = int(NET_FEATURES | (F.NET_MQ if queues > 1 else 0))
+        self.protocol_features = int(NET_PROTOCOL_FEATURES)
+        self.rx_rows = np.array([[self.row(p, 2 * k) for k in range(queues)] for p in range(nports)], np.int64)
+        self.tx_rows = np.array([[self.row(p, 2 * k + 1) for k in range(queues)] for p in range(nports)], np.int64)
+        self.watch = np.sort(self.tx_rows.ravel())
+        self.mac_key = np.zeros(table_size, np.uint64)
+        self.mac_port = np.full(table_size, -1, np.int64)
+        self.mac_seen = np.zeros(table_size, np.uint64)
+        self.params = np.zeros(4, np.uint64)
+        self.swstats = np.zeros(len(SWSTAT_NAMES), np.uint64)
+        self.age = age
+        self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
+        self.polls = np.zeros(burst + 1, np.int64)
+        self.busy = np.zeros(2, np.uint64)
+        self.worker = Worker("switch", switch_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
+
+    @property
+    def age(self) -> float:
+        return self._age
+
+    @age.setter
+    def age(self, seconds: float) -> None:
+        """Entry lifetime in seconds (0: entries never age); may be changed while running."""
+        from vring.ordering_calibrate import ns_per_cycle
+
+        self._age = float(seconds)
+        self.params[P_AGE] = 0 if seconds <= 0 else max(1, int(seconds * 1e9 / ns_per_cycle()))
+
+    def _args(self) -> tuple:
+        return (self.qstate, self.counters, self.regions, self.rx_rows, self.tx_rows, self.watch, self.burst,
+                self.mac_key, self.mac_port, self.mac_seen, self.params, self.swstats, self.polls, self.busy,
+                self.cap)
+
+    def mac_table(self) -> list[dict]:
+        """Live entries (not aged out), sorted by port then MAC: {"mac", "port", "age_s"}.
+
+        Read without pausing the data plane: an entry being learned at that instant may be
+        missing or show its previous port."""
+        from vring.ordering_calibrate import ns_per_cycle
+
+        now = int(_now())
+        limit = int(self.params[P_AGE])
+        keys, ports, seen = self.mac_key.copy(), self.mac_port.copy(), self.mac_seen.copy()
+        out = []
+        for j in np.flatnonzero(keys):
+            dt = max(0, now - int(seen[j]))
+            if limit and dt > limit:
+                continue
+            out.append({"mac": mac_str(int(keys[j]) & ((1 << 48) - 1)), "port": int(ports[j]),
+                        "age_s": round(dt * ns_per_cycle() / 1e9, 3)})
+        out.sort(key=lambda e: (e["port"], e["mac"]))
+        return out
+
+    def switch_stats(self) -> dict[str, int]:
+        return {n: int(v) for n, v in zip(SWSTAT_NAMES, self.swstats, strict=True)}
+
+    def flush(self, port: int | None = None) -> None:
+        """Forget every MAC (or those learned on ``port``)."""
+        with self.paused():
+            sel = np.ones(len(self.mac_key), bool) if port is None else self.mac_port == port
+            self.mac_key[sel] = 0
+            self.mac_port[sel] = -1
+            self.mac_seen[sel] = 0
+
+    def port_counters(self, port: int) -> dict[str, int]:
+        """NetDevice's counters plus ``macs``: live MAC table entries on this port."""
+        c = super().port_counters(port)
+        c["macs"] = sum(1 for e in self.mac_table() if e["port"] == port)
+        return c
+
+
+def _control_server(dev: SwitchDevice, server, path: str, meta: dict):
+    """The control socket of vring net, whose samples also carry the MAC table and switch counters."""
+    from vring.control import ControlServer, sample
+
+    class SwitchControl(ControlServer):
+        def _handle(self, conn, cmd, req):
+            if cmd == "sample":
+                self._reply(conn, {"ok": True, **sample(self.dev, self.server, {
+                    "meta": self.meta, "mac_table": self.dev.mac_table(), "switch": self.dev.switch_stats()})})
+            else:
+                super()._handle(conn, cmd, req)
+
+    return SwitchControl(dev, server, path, meta=meta).start()
+
+
+def _server(dev: SwitchDevice, paths: list[str], client: bool):
+    """vring's Server, which also forgets the MACs learned on a port when its front-end goes (link down)."""
+    from vring.server import Server
+
+    class SwitchServer(Server):
+        closing = False
+
+        def _detach(self, ep) -> None:
+            had = ep.session is not None
+            super()._detach(ep)
+            if had and not self.closing:
+                self.dev.flush(ep.port)
+
+        def close(self) -> None:
+            self.closing = True  # keep the table for the summary printed at exit
+            super().close()
+
+    return SwitchServer(dev, paths, client=client)
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    from vring.cli import parse_cpus
+
+    idle = 0 if args.poll else 1 if args.interrupt else args.idle_rounds
+    dev = SwitchDevice(len(args.socket), queues=args.queues, burst=args.burst, age=args.age,
+                       table_size=args.table_size, idle_rounds=idle,
+                       cpus=parse_cpus(args.cpus) if args.cpus else None)
+    server = _server(dev, args.socket, args.client)
+    pcap = None
+    if args.pcap:
+        from devices.capture import PcapDrain
+
+        paths = {p: args.pcap.format(port=p) for p in range(dev.nports)}
+        if len(set(paths.values())) != len(paths):
+            raise SystemExit("--pcap: with several ports the path must contain {port}")
+        pcap = PcapDrain(paths, dev.nvq, limit=args.pcap_limit)
+        dev.cap = pcap.arrays()
+
+    def stop(signum, frame):
+        server.stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    control = None
+    dev.start()  # compiles the data plane first: the socket appears only when vring is ready
+    if pcap is not None:
+        pcap.start()
+    try:
+        server.open()
+        log.info("vring switch: ports=%d queues=%d age=%gs table=%d %s", dev.nports, args.queues, args.age,
+                 args.table_size, "client" if args.client else "server")
+        if args.control != "none":
+            from vring.control import default_path
+
+            control = _control_server(dev, server, args.control or default_path(),
+                                      {"sockets": args.socket, "mode": "switch"})
+            log.info("control socket: %s (vring stats --control %s)", control.path, control.path)
+        server.serve(until=time.monotonic() + args.seconds if args.seconds else None)
+    finally:
+        if control is not None:
+            control.close()
+        server.close()
+        dev.stop()
+        if pcap is not None:
+            pcap.stop()
+            log.info("pcap: %d frames written", pcap.written)
+        for p in range(dev.nports):
+            c = dev.port_counters(p)
+            print(f"port {p} ({args.socket[p]}): " + " ".join(f"{k}={v}" for k, v in c.items()), flush=True)
+        print("switch: " + " ".join(f"{k}={v}" for k, v in dev.switch_stats().items()), flush=True)
+        for e in dev.mac_table():
+            print(f"mac {e['mac']} port={e['port']} age_s={e['age_s']}", flush=True)
+        ps = dev.poll_stats()
+        print(f"polls={ps['polls']} empty={100 * ps['empty_share']:.1f}% full={100 * ps['full_share']:.1f}% "
+              f"busy_ns_per_frame={ps['ns_per_frame']:.1f}", flush=True)
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("switch", help="L2 learning switch between virtio-net ports (one per --socket)",
+                       description="Serve virtio-net over vhost-user on every --socket and switch frames between "
+                                   "the ports: learn source MACs (with ageing), send frames for a learned MAC to "
+                                   "its port only, flood broadcast, multicast and unknown unicast to every other "
+                                   "port; never back out of the ingress port.")
+    s.add_argument("--socket", action="append", required=True, metavar="PATH", help="vhost-user socket (repeat)")
+    s.add_argument("--client", action="store_true",
+                   help="connect to the sockets (the front-end is the server); retry and reconnect")
+    s.add_argument("--queues", type=int, default=1, help="queue pairs per port (default 1)")
+    s.add_argument("--burst", type=int, default=32, help="frames per ring per round (default 32)")
+    s.add_argument("--age", type=float, default=300.0,
+                   help="seconds a learned MAC is kept without traffic from it (default 300; 0: forever)")
+    s.add_argument("--table-size", type=int, default=4096, help="MAC table slots, a power of two (default 4096)")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--poll", action="store_true", help="busy-poll forever")
+    how.add_argument("--interrupt", action="store_true", help="sleep on the kick eventfds as soon as a round is idle")
+    s.add_argument("--cpus", metavar="LIST", help="pin the data-plane thread to these CPUs, e.g. 1 or 0,2-3")
+    s.add_argument("--idle-rounds", type=int, default=20000,
+                   help="adaptive (default): empty rounds before sleeping on the kick eventfds (default 20000)")
+    s.add_argument("--pcap", metavar="FILE", help="capture each port's frames to FILE ({port} in FILE: the port)")
+    s.add_argument("--pcap-limit", type=int, default=0, metavar="N", help="stop capturing after N frames")
+    s.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (default: until a signal)")
+    s.add_argument("--control", metavar="PATH",
+                   help="control socket for vring stats (default /tmp/vring-<pid>.ctl; 'none': none); its samples "
+                        "carry the MAC table ('mac_table') and switch counters ('switch')")
+    s.set_defaults(func=cmd_switch)
