@@ -81,6 +81,8 @@ class Session:
         self.owner = False
         self.vrings = [Vring() for _ in range(device.nvq)]
         self.closed = False
+        # (gpa, size, uaddr) -> extra ADD_MEM_REGs of an already mapped region (see _add_mem_reg)
+        self.mem_dups: dict[tuple[int, int, int], int] = {}
 
     # ---- I/O ----
     def _recv_exact(self, n: int) -> bytes:
@@ -333,6 +335,7 @@ class Session:
             for i in range(len(self.vrings)):
                 self._sync(i)
             self.mem.clear()
+            self.mem_dups.clear()
             try:
                 while fds:
                     r = regions[len(regions) - len(fds)]
@@ -348,6 +351,14 @@ class Session:
 
     def _add_mem_reg(self, payload, fds):
         r = P.parse(P.SINGLE_MEM_REGION, payload)["region"]
+        key = (int(r["gpa"]), int(r["size"]), int(r["uaddr"]))
+        if any((m.gpa, m.size, m.uaddr, m.mmap_offset) == (*key, int(r["mmap_offset"])) for m in self.mem.regions):
+            # QEMU 7.2 (and other versions) sends ADD/REM_MEM_REG once per queue pair (one vhost_dev each) on the same
+            # connection: the very same region again is no overlap. Count it; REM_MEM_REGs balance it.
+            os.close(self._take_fd(fds))
+            self.mem_dups[key] = self.mem_dups.get(key, 0) + 1
+            log.debug("%s: memory region gpa=%#x added again (%d extra)", self.name, key[0], self.mem_dups[key])
+            return
         with self.dev.paused():
             for i in range(len(self.vrings)):
                 self._sync(i)
@@ -358,6 +369,10 @@ class Session:
 
     def _rem_mem_reg(self, payload, fds):
         r = P.parse(P.SINGLE_MEM_REGION, payload)["region"]
+        key = (int(r["gpa"]), int(r["size"]), int(r["uaddr"]))
+        if self.mem_dups.get(key, 0) > 0:  # one of the extra ADD_MEM_REGs of this region
+            self.mem_dups[key] -= 1
+            return
         with self.dev.paused():
             for i in range(len(self.vrings)):
                 self._sync(i)
