@@ -18,11 +18,11 @@ from numba import njit
 
 from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
 from devices.capture import empty as no_capture
-from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep, running
+from vring.dataplane import Worker, end_round, running
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, cpu_relax, cycles, store_u16, store_u64
+from vring.ordering import copy_bytes, cycles, store_u16, store_u64
 from vring.protocol import PF, F
 from vring.ring import EMPTY, begin, call, cursor, pop, prefetch_batch, publish, put_used, rollback
 from vring.split import MAX_SEGS
@@ -295,16 +295,7 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
                 work += done
             if done >= 0:
                 polls[min(done, burst)] += 1
-        ctrl[ROUNDS] += 1
-        if work > 0:
-            ctrl[BUSY_ROUNDS] += 1
-            idle = 0
-        else:
-            idle += 1
-            cpu_relax()
-            if ctrl[IDLE_ROUNDS] > 0 and idle >= ctrl[IDLE_ROUNDS]:
-                idle_sleep(ctrl, qs, watch, pollfds, buf)
-                idle = 0
+        idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
 
 
 def test_frame(size: int) -> np.ndarray:

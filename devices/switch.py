@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import time
 
 import numpy as np
 from numba import njit
@@ -32,7 +30,7 @@ from numba import njit
 from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
 from devices.capture import empty as no_capture
 from devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES, NetDevice, _deliver, _mark_broken, _ready, new_scratch
-from vring.dataplane import BUSY_ROUNDS, IDLE_ROUNDS, ROUNDS, Worker, idle_sleep, running
+from vring.dataplane import Worker, end_round, running
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
@@ -285,15 +283,7 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
                     work += done
                 if done >= 0:
                     polls[min(done, burst)] += 1
-        ctrl[ROUNDS] += 1
-        if work > 0:
-            ctrl[BUSY_ROUNDS] += 1
-            idle = 0
-        else:
-            idle += 1
-            if ctrl[IDLE_ROUNDS] > 0 and idle >= ctrl[IDLE_ROUNDS]:
-                idle_sleep(ctrl, qs, watch, pollfds, buf)
-                idle = 0
+        idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
 
 
 def mac_str(mac: int) -> str:
@@ -387,6 +377,17 @@ class SwitchDevice(NetDevice):
             self.mac_port[sel] = -1
             self.mac_seen[sel] = 0
 
+    def disconnected(self, port: int) -> None:
+        self.flush(port)  # link down: frames for its MACs flood again instead of dying at an empty port
+
+    def sample_extra(self) -> dict:
+        return {"mac_table": self.mac_table(), "switch": self.switch_stats()}
+
+    def summary_lines(self) -> list[str]:
+        lines = ["switch: " + " ".join(f"{k}={v}" for k, v in self.switch_stats().items())]
+        lines += [f"mac {e['mac']} port={e['port']} age_s={e['age_s']}" for e in self.mac_table()]
+        return lines
+
     def port_counters(self, port: int) -> dict[str, int]:
         """NetDevice's counters plus ``macs``: live MAC table entries on this port."""
         c = super().port_counters(port)
@@ -394,123 +395,25 @@ class SwitchDevice(NetDevice):
         return c
 
 
-def _control_server(dev: SwitchDevice, server, path: str, meta: dict):
-    """The control socket of vring net, whose samples also carry the MAC table and switch counters."""
-    from vring.control import ControlServer, sample
-
-    class SwitchControl(ControlServer):
-        def _handle(self, conn, cmd, req):
-            if cmd == "sample":
-                self._reply(conn, {"ok": True, **sample(self.dev, self.server, {
-                    "meta": self.meta, "mac_table": self.dev.mac_table(), "switch": self.dev.switch_stats()})})
-            else:
-                super()._handle(conn, cmd, req)
-
-    return SwitchControl(dev, server, path, meta=meta).start()
-
-
-def _server(dev: SwitchDevice, paths: list[str], client: bool):
-    """vring's Server, which also forgets the MACs learned on a port when its front-end goes (link down)."""
-    from vring.server import Server
-
-    class SwitchServer(Server):
-        closing = False
-
-        def _detach(self, ep) -> None:
-            had = ep.session is not None
-            super()._detach(ep)
-            if had and not self.closing:
-                self.dev.flush(ep.port)
-
-        def close(self) -> None:
-            self.closing = True  # keep the table for the summary printed at exit
-            super().close()
-
-    return SwitchServer(dev, paths, client=client)
-
-
 def cmd_switch(args: argparse.Namespace) -> int:
-    from vring.cli import parse_cpus
+    from vring.cli import idle_rounds, parse_cpus, serve_backend
 
-    idle = 0 if args.poll else 1 if args.interrupt else args.idle_rounds
     dev = SwitchDevice(len(args.socket), queues=args.queues, burst=args.burst, age=args.age,
-                       table_size=args.table_size, idle_rounds=idle,
+                       table_size=args.table_size, idle_rounds=idle_rounds(args),
                        cpus=parse_cpus(args.cpus) if args.cpus else None)
-    server = _server(dev, args.socket, args.client)
-    pcap = None
-    if args.pcap:
-        from devices.capture import PcapDrain
-
-        paths = {p: args.pcap.format(port=p) for p in range(dev.nports)}
-        if len(set(paths.values())) != len(paths):
-            raise SystemExit("--pcap: with several ports the path must contain {port}")
-        pcap = PcapDrain(paths, dev.nvq, limit=args.pcap_limit)
-        dev.cap = pcap.arrays()
-
-    def stop(signum, frame):
-        server.stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    control = None
-    dev.start()  # compiles the data plane first: the socket appears only when vring is ready
-    if pcap is not None:
-        pcap.start()
-    try:
-        server.open()
-        log.info("vring switch: ports=%d queues=%d age=%gs table=%d %s", dev.nports, args.queues, args.age,
-                 args.table_size, "client" if args.client else "server")
-        if args.control != "none":
-            from vring.control import default_path
-
-            control = _control_server(dev, server, args.control or default_path(),
-                                      {"sockets": args.socket, "mode": "switch"})
-            log.info("control socket: %s (vring stats --control %s)", control.path, control.path)
-        server.serve(until=time.monotonic() + args.seconds if args.seconds else None)
-    finally:
-        if control is not None:
-            control.close()
-        server.close()
-        dev.stop()
-        if pcap is not None:
-            pcap.stop()
-            log.info("pcap: %d frames written", pcap.written)
-        for p in range(dev.nports):
-            c = dev.port_counters(p)
-            print(f"port {p} ({args.socket[p]}): " + " ".join(f"{k}={v}" for k, v in c.items()), flush=True)
-        print("switch: " + " ".join(f"{k}={v}" for k, v in dev.switch_stats().items()), flush=True)
-        for e in dev.mac_table():
-            print(f"mac {e['mac']} port={e['port']} age_s={e['age_s']}", flush=True)
-        ps = dev.poll_stats()
-        print(f"polls={ps['polls']} empty={100 * ps['empty_share']:.1f}% full={100 * ps['full_share']:.1f}% "
-              f"busy_ns_per_frame={ps['ns_per_frame']:.1f}", flush=True)
-    return 0
+    return serve_backend(dev, args, f"vring switch: age={args.age:g}s table={args.table_size}", {"mode": "switch"})
 
 
 def register(sub) -> None:
+    from vring.cli import add_backend_arguments
+
     s = sub.add_parser("switch", help="L2 learning switch between virtio-net ports (one per --socket)",
                        description="Serve virtio-net over vhost-user on every --socket and switch frames between "
                                    "the ports: learn source MACs (with ageing), send frames for a learned MAC to "
                                    "its port only, flood broadcast, multicast and unknown unicast to every other "
                                    "port; never back out of the ingress port.")
-    s.add_argument("--socket", action="append", required=True, metavar="PATH", help="vhost-user socket (repeat)")
-    s.add_argument("--client", action="store_true",
-                   help="connect to the sockets (the front-end is the server); retry and reconnect")
-    s.add_argument("--queues", type=int, default=1, help="queue pairs per port (default 1)")
-    s.add_argument("--burst", type=int, default=32, help="frames per ring per round (default 32)")
+    add_backend_arguments(s)
     s.add_argument("--age", type=float, default=300.0,
                    help="seconds a learned MAC is kept without traffic from it (default 300; 0: forever)")
     s.add_argument("--table-size", type=int, default=4096, help="MAC table slots, a power of two (default 4096)")
-    how = s.add_mutually_exclusive_group()
-    how.add_argument("--poll", action="store_true", help="busy-poll forever")
-    how.add_argument("--interrupt", action="store_true", help="sleep on the kick eventfds as soon as a round is idle")
-    s.add_argument("--cpus", metavar="LIST", help="pin the data-plane thread to these CPUs, e.g. 1 or 0,2-3")
-    s.add_argument("--idle-rounds", type=int, default=20000,
-                   help="adaptive (default): empty rounds before sleeping on the kick eventfds (default 20000)")
-    s.add_argument("--pcap", metavar="FILE", help="capture each port's frames to FILE ({port} in FILE: the port)")
-    s.add_argument("--pcap-limit", type=int, default=0, metavar="N", help="stop capturing after N frames")
-    s.add_argument("--seconds", type=float, default=0, help="stop after this many seconds (default: until a signal)")
-    s.add_argument("--control", metavar="PATH",
-                   help="control socket for vring stats (default /tmp/vring-<pid>.ctl; 'none': none); its samples "
-                        "carry the MAC table ('mac_table') and switch counters ('switch')")
     s.set_defaults(func=cmd_switch)

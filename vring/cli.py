@@ -43,15 +43,25 @@ def parse_features(text: str) -> int:
 
 def cmd_net(args: argparse.Namespace) -> int:
     from devices.net import NetDevice
-    from vring.server import Server
 
     mode = args.mode or ("xconnect" if len(args.socket) == 2 else "loopback")
-    idle = 0 if args.poll else 1 if args.interrupt else args.idle_rounds
     dev = NetDevice(len(args.socket), mode, queues=args.queues, frame_size=args.frame_size, burst=args.burst,
-                    idle_rounds=idle, cpus=parse_cpus(args.cpus) if args.cpus else None,
+                    idle_rounds=idle_rounds(args), cpus=parse_cpus(args.cpus) if args.cpus else None,
                     disable=parse_features(args.disable) if args.disable else 0)
+    return serve_backend(dev, args, f"vring net: mode={mode}", {"mode": mode})
+
+
+def idle_rounds(args: argparse.Namespace) -> int:
+    return 0 if args.poll else 1 if args.interrupt else args.idle_rounds
+
+
+def serve_backend(dev, args: argparse.Namespace, banner: str, meta: dict) -> int:
+    """Run a device's ports until SIGINT/SIGTERM (or --seconds): sockets, capture, control socket,
+    metrics; then print each port's counters, the device's summary and the poll statistics."""
+    from vring.server import Server
+
     server = Server(dev, args.socket, client=args.client)
-    pcap = None
+    pcap = control = metrics = None
     if args.pcap:
         from devices.capture import PcapDrain
 
@@ -66,19 +76,17 @@ def cmd_net(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    control = metrics = None
     dev.start()  # compiles the data plane first: the socket appears only when vring is ready
     if pcap is not None:
         pcap.start()
     try:
         server.open()
-        log.info("vring net: mode=%s ports=%d queues=%d %s", mode, dev.nports, args.queues,
-                 "client" if args.client else "server")
+        log.info("%s ports=%d queues=%d %s", banner, dev.nports, args.queues, "client" if args.client else "server")
         if args.control != "none":
             from vring.control import ControlServer, default_path
 
             control = ControlServer(dev, server, args.control or default_path(),
-                                    meta={"sockets": args.socket, "mode": mode}).start()
+                                    meta={"sockets": args.socket, **meta}).start()
             log.info("control socket: %s (vring stats --control %s)", control.path, control.path)
         if args.metrics:
             from vring.metrics import serve as serve_metrics
@@ -99,10 +107,40 @@ def cmd_net(args: argparse.Namespace) -> int:
         for p in range(dev.nports):
             c = dev.port_counters(p)
             print(f"port {p} ({args.socket[p]}): " + " ".join(f"{k}={v}" for k, v in c.items()), flush=True)
+        for line in dev.summary_lines():
+            print(line, flush=True)
         ps = dev.poll_stats()
         print(f"polls={ps['polls']} empty={100 * ps['empty_share']:.1f}% full={100 * ps['full_share']:.1f}% "
               f"busy_ns_per_frame={ps['ns_per_frame']:.1f}", flush=True)
     return 0
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every packet back-end (vring net, vring switch) takes."""
+    parser.add_argument("--socket", action="append", required=True, metavar="PATH",
+                        help="vhost-user socket, one port each (repeat)")
+    parser.add_argument("--client", action="store_true",
+                        help="connect to the sockets (the front-end is the server); retry and reconnect")
+    parser.add_argument("--queues", type=int, default=1, help="queue pairs per port (default 1)")
+    parser.add_argument("--burst", type=int, default=32, help="frames per ring per round (default 32)")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--poll", action="store_true", help="busy-poll forever (lowest latency, one core at 100%%)")
+    how.add_argument("--interrupt", action="store_true",
+                     help="sleep on the kick eventfds as soon as a round finds nothing (for mostly idle guests)")
+    parser.add_argument("--idle-rounds", type=int, default=20000,
+                        help="adaptive (default): empty rounds before sleeping on the kick eventfds (default 20000)")
+    parser.add_argument("--cpus", metavar="LIST", help="pin the data-plane thread to these CPUs, e.g. 1 or 0,2-3")
+    parser.add_argument("--pcap", metavar="FILE",
+                        help="capture each port's frames (both directions) to a pcap file; {port} in FILE is the "
+                             "port number (required with several ports)")
+    parser.add_argument("--pcap-limit", type=int, default=0, metavar="N", help="stop capturing after N frames")
+    parser.add_argument("--seconds", type=float, default=0,
+                        help="stop after this many seconds (default: run until a signal)")
+    parser.add_argument("--control", metavar="PATH",
+                        help="control socket for vring stats / vring snapshot (default /tmp/vring-<pid>.ctl, logged "
+                             "at start; 'none': no control socket)")
+    parser.add_argument("--metrics", metavar="[HOST:]PORT",
+                        help="serve Prometheus metrics on HOST:PORT (host defaults to 127.0.0.1)")
 
 
 def _print_rates(r: dict) -> None:
@@ -164,36 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("net", help="virtio-net back-end: one port per --socket",
                        description="Serve virtio-net over vhost-user. One port per --socket; with two sockets the "
                                    "default mode cross-connects them, with one it loops frames back.")
-    n.add_argument("--socket", action="append", required=True, metavar="PATH", help="vhost-user socket (repeat)")
-    n.add_argument("--client", action="store_true",
-                   help="connect to the sockets (the front-end is the server); retry and reconnect")
+    add_backend_arguments(n)
     n.add_argument("--mode", choices=("xconnect", "loopback", "sink", "source"),
                    help="xconnect: port A <-> port B; loopback: frames come back; sink: count and drop; "
                         "source: generate --frame-size frames toward the front-end")
-    n.add_argument("--queues", type=int, default=1, help="queue pairs per port (default 1)")
     n.add_argument("--disable", metavar="FEATURES",
                    help="virtio features not to offer, e.g. RING_PACKED,IN_ORDER,NET_MRG_RXBUF,RING_EVENT_IDX "
                         "(the negotiated set of each port is logged)")
     n.add_argument("--frame-size", type=int, default=64, help="frame size for --mode source (default 64)")
-    n.add_argument("--burst", type=int, default=32, help="frames per ring per round (default 32)")
-    how = n.add_mutually_exclusive_group()
-    how.add_argument("--poll", action="store_true", help="busy-poll forever (lowest latency, one core at 100%%)")
-    how.add_argument("--interrupt", action="store_true",
-                     help="sleep on the kick eventfds as soon as a round finds nothing (for mostly idle guests)")
-    n.add_argument("--cpus", metavar="LIST", help="pin the data-plane thread to these CPUs, e.g. 1 or 0,2-3")
-    n.add_argument("--idle-rounds", type=int, default=20000,
-                   help="adaptive (default): empty rounds before sleeping on the kick eventfds (default 20000)")
-    n.add_argument("--pcap", metavar="FILE",
-                   help="capture each port's frames (both directions) to a pcap file; {port} in FILE is the port "
-                        "number (required with several ports)")
-    n.add_argument("--pcap-limit", type=int, default=0, metavar="N", help="stop capturing after N frames")
-    n.add_argument("--seconds", type=float, default=0,
-                   help="stop after this many seconds (default: run until a signal)")
-    n.add_argument("--control", metavar="PATH",
-                   help="control socket for vring stats / vring snapshot (default /tmp/vring-<pid>.ctl, logged at "
-                        "start; 'none': no control socket)")
-    n.add_argument("--metrics", metavar="[HOST:]PORT",
-                   help="serve Prometheus metrics on HOST:PORT (host defaults to 127.0.0.1)")
     n.set_defaults(func=cmd_net)
 
     d = sub.add_parser("demo", help="vring net + the in-tree front-end, printing live Mpps")

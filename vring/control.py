@@ -87,6 +87,9 @@ def sample(dev, server=None, extra: dict | None = None) -> dict[str, Any]:
 
         out["worker"] = {"rounds": int(w.ctrl[ROUNDS]), "busy_rounds": int(w.ctrl[BUSY_ROUNDS]),
                          "sleeps": int(w.ctrl[SLEEPS])}
+    extra_dev = getattr(dev, "sample_extra", None)
+    if extra_dev is not None:
+        out.update(extra_dev())
     out.update(extra or {})
     return out
 

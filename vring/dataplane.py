@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from vring.jit import kernel
-from vring.ordering import fence_seq_cst, load_i64_acquire, sys_poll, sys_read
+from vring.ordering import cpu_relax, fence_seq_cst, load_i64_acquire, sys_poll, sys_read
 from vring.ring import has_work, set_kicks
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,22 @@ def idle_sleep(ctrl, qs, watch, pollfds, buf):
         q = watch[i]
         if qs[q]["ready"] and not qs[q]["broken"]:
             set_kicks(qs, q, False)
+
+
+@kernel
+def end_round(ctrl, qs, watch, pollfds, buf, work, idle):
+    """Account a polling round that moved ``work`` frames; after ``ctrl[IDLE_ROUNDS]`` empty rounds
+    in a row, sleep on the watched queues' kicks. Returns the new count of empty rounds."""
+    ctrl[ROUNDS] += 1
+    if work > 0:
+        ctrl[BUSY_ROUNDS] += 1
+        return 0
+    cpu_relax()  # back off a little: don't pull the driver's ring lines at full speed
+    idle += 1
+    if ctrl[IDLE_ROUNDS] > 0 and idle >= ctrl[IDLE_ROUNDS]:
+        idle_sleep(ctrl, qs, watch, pollfds, buf)
+        return 0
+    return idle
 
 
 class Worker:

@@ -53,6 +53,17 @@ class Device:
     def get_config(self, port: int, offset: int, size: int) -> bytes | None:
         return None
 
+    def disconnected(self, port: int) -> None:
+        """A front-end left ``port`` (its rings are already stopped and its memory unmapped)."""
+
+    def sample_extra(self) -> dict:
+        """Device-specific fields for stats samples (vring.control)."""
+        return {}
+
+    def summary_lines(self) -> list[str]:
+        """Device-specific lines printed at exit after the per-port counters."""
+        return []
+
     def start(self) -> None:
         if self.worker is not None:
             self.worker.start()

@@ -66,6 +66,7 @@ class Server:
         self.endpoints = [Endpoint(i, p, client) for i, p in enumerate(paths)]
         self.sel = selectors.DefaultSelector()
         self.stopping = False
+        self.closing = False
         self._reported: dict[int, int] = {}
         self.connections = 0
 
@@ -95,6 +96,8 @@ class Server:
         self.sel.unregister(s.sock)
         s.close()
         ep.session = None
+        if not self.closing:
+            self.dev.disconnected(ep.port)
         ep.next_try = time.monotonic() + RETRY_S
         log.info("port=%d front-end disconnected; counters %s", ep.port, self.port_summary(ep.port))
 
@@ -155,6 +158,7 @@ class Server:
             self.poll_once()
 
     def close(self) -> None:
+        self.closing = True
         for ep in self.endpoints:
             self._detach(ep)
             if ep.listener is not None:
