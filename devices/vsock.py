@@ -773,7 +773,12 @@ class VsockDevice(Device):
         self._put(vm, HDR_LEN + n)
         self.counters[vm.rx, C_BYTES] += n
         conn.rx_cnt += n
-        self._requeue(conn)
+        if n < cap:
+            # the socket held less than we could take: it is drained, so wait for the selector
+            # rather than requeue for a recv that fails with EAGAIN (a syscall and an exception)
+            self._interest(conn)
+        else:
+            self._requeue(conn)
 
     def _rx_host_record(self, vm: Vm, conn: Conn, cap: int) -> None:
         """SEQPACKET toward the guest: a record may exceed one receive buffer, so it is read whole
