@@ -145,7 +145,15 @@ def prefetch_batch(qs, q, regions, n, write):
             d = desc + np.uint64(16 * h)
         hva = S.translate_one(regions, mem, load_u64(d), np.uint64(1))
         if hva != 0:
+            # a small frame plus its header usually straddles two lines
             if write:
                 prefetch_write(hva)
+                prefetch_write(hva + np.uint64(63))
             else:
                 prefetch_read(hva)
+                prefetch_read(hva + np.uint64(63))
+    if not packed:
+        # the used elements this batch will write (the driver read those lines last)
+        first = qs[q]["used"] + np.uint64(4 + 8 * (np.int64(qs[q]["used_idx"]) & (size - 1)))
+        for k in range(0, 8 * n + 63, 64):
+            prefetch_write(min(first + np.uint64(k), qs[q]["used"] + np.uint64(4 + 8 * (size - 1))))
