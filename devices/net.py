@@ -153,17 +153,26 @@ def _ready(qs, q):
 
 
 @kernel
+def begin_batch(qs, counters, regions, q, burst, write):
+    """Start a batch on ring q: -1 if it isn't ready, 0 if it has nothing (or has just broken),
+    else a hint of the chains available, whose lines are being prefetched (for writing if ``write``)."""
+    if not _ready(qs, q):
+        return -1
+    n = begin(qs, q)
+    if n < 0:
+        _mark_broken(qs, counters, q, -n)
+        return 0
+    if n > 0:
+        prefetch_batch(qs, q, regions, min(n, burst), write)
+    return n
+
+
+@kernel
 def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
-    if not _ready(qs, src):
-        return -1
-    n = begin(qs, src)
-    if n < 0:
-        _mark_broken(qs, counters, src, -n)
-        return 0
-    if n == 0:
-        return 0
-    prefetch_batch(qs, src, regions, min(n, burst), 0)
+    n = begin_batch(qs, counters, regions, src, burst, 0)
+    if n <= 0:
+        return n
     dst_ok = mode == MODE_FORWARD and _ready(qs, dst)
     if dst_ok:
         b = begin(qs, dst)
@@ -226,15 +235,9 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
 @kernel
 def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap):
     """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
-    if not _ready(qs, dst):
-        return -1
-    a = begin(qs, dst)
-    if a < 0:
-        _mark_broken(qs, counters, dst, -a)
-        return 0
-    if a == 0:
-        return 0
-    prefetch_batch(qs, dst, regions, min(a, burst), 1)
+    a = begin_batch(qs, counters, regions, dst, burst, 1)
+    if a <= 0:
+        return a
     s_hva[0] = np.uint64(frame.ctypes.data)
     s_len[0] = np.uint64(frame.shape[0])
     flen = np.uint64(frame.shape[0])

@@ -29,7 +29,16 @@ from numba import njit
 
 from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
 from devices.capture import empty as no_capture
-from devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES, NetDevice, _deliver, _mark_broken, _ready, new_scratch
+from devices.net import (
+    NET_FEATURES,
+    NET_PROTOCOL_FEATURES,
+    NetDevice,
+    _deliver,
+    _mark_broken,
+    _ready,
+    begin_batch,
+    new_scratch,
+)
 from vring.dataplane import Worker, end_round, running
 from vring.device import Device
 from vring.jit import kernel
@@ -186,15 +195,9 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
                  mac_key, mac_port, mac_seen, params, st, cap):
     """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them."""
     src = tx_rows[port, k]
-    if not _ready(qs, src):
-        return -1
-    n = begin(qs, src)
-    if n < 0:
-        _mark_broken(qs, counters, src, -n)
-        return 0
-    if n == 0:
-        return 0
-    prefetch_batch(qs, src, regions, min(n, burst), 0)
+    n = begin_batch(qs, counters, regions, src, burst, 0)
+    if n <= 0:
+        return n
     now = cycles()
     age = params[P_AGE]
     nports = rx_rows.shape[0]

@@ -11,31 +11,21 @@ CI=true.  Two cores: each busy-polling testpmd gets its forwarding lcore on its 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import (  # noqa: E402
-    PeerGroup, QemuGuest, Testpmd, VhostUserNet, require_peer, short_tmpdir, wait_for_socket,
+from peers import (
+    QemuGuest,
+    Testpmd,
+    VhostUserNet,
+    require_peer,
+    wait_for_socket,
 )
 
 pytestmark = [pytest.mark.peer, pytest.mark.reference]
-
-
-@pytest.fixture
-def sockdir():
-    d = short_tmpdir("vrt")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def peers():
-    with PeerGroup() as g:
-        yield g
 
 
 def test_testpmd_flowgen_through_dpdk_vhost_io(sockdir, peers):
