@@ -18,13 +18,13 @@ from numba import njit
 
 from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
 from devices.capture import empty as no_capture
-from vring.dataplane import Worker, end_round, running
+from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
 from vring.jit import kernel
-from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
+from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import copy_bytes, cycles, store_u16, store_u64
 from vring.protocol import PF, F
-from vring.ring import EMPTY, begin, call, cursor, pop, prefetch_batch, publish, put_used, rollback
+from vring.ring import EMPTY, begin, cursor, finish, pop, prefetch_batch, put_used, rollback
 from vring.split import MAX_SEGS
 
 log = logging.getLogger(__name__)
@@ -219,16 +219,9 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
         else:
             _mark_broken(qs, counters, dst, -r)
             dst_ok = False
-    publish(qs, src)
-    if done > 0:
-        call(qs, src, counters, one)
-        counters[src, C_BATCHES] += 1
+    finish(qs, src, counters, one)
     if dst_began:
-        delivered = qs[dst]["u_count"]
-        publish(qs, dst)
-        if delivered > 0:
-            call(qs, dst, counters, one)
-            counters[dst, C_BATCHES] += 1
+        finish(qs, dst, counters, one)
     return done
 
 
@@ -259,10 +252,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
         else:
             _mark_broken(qs, counters, dst, -r)
             break
-    publish(qs, dst)
-    if sent > 0:
-        call(qs, dst, counters, one)
-        counters[dst, C_BATCHES] += 1
+    finish(qs, dst, counters, one)
     return sent
 
 
@@ -292,12 +282,7 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
                 done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap)
             else:
                 done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap)
-            if done > 0:
-                busy[0] += cycles() - t0
-                busy[1] += done
-                work += done
-            if done >= 0:
-                polls[min(done, burst)] += 1
+            work += account_poll(polls, busy, burst, done, t0)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
 
 

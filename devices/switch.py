@@ -39,13 +39,13 @@ from devices.net import (
     begin_batch,
     new_scratch,
 )
-from vring.dataplane import Worker, end_round, running
+from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
 from vring.jit import kernel
-from vring.layout import C_BATCHES, C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
+from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import cycles, load_u8
 from vring.protocol import F
-from vring.ring import EMPTY, begin, call, pop, prefetch_batch, publish, put_used
+from vring.ring import EMPTY, begin, finish, pop, prefetch_batch, put_used
 from vring.split import MAX_SEGS
 
 log = logging.getLogger(__name__)
@@ -245,18 +245,11 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
                 if row >= 0:
                     nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt,
                                   cap)
-    publish(qs, src)
-    if done > 0:
-        call(qs, src, counters, one)
-        counters[src, C_BATCHES] += 1
+    finish(qs, src, counters, one)
     for i in range(nt):
         row = touched[i]
         began[row] = 0
-        delivered = qs[row]["u_count"]
-        publish(qs, row)
-        if delivered > 0:
-            call(qs, row, counters, one)
-            counters[row, C_BATCHES] += 1
+        finish(qs, row, counters, one)
     return done
 
 
@@ -280,12 +273,7 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
                 t0 = cycles()
                 done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc,
                                     began, touched, mac_key, mac_port, mac_seen, params, st, cap)
-                if done > 0:
-                    busy[0] += cycles() - t0
-                    busy[1] += done
-                    work += done
-                if done >= 0:
-                    polls[min(done, burst)] += 1
+                work += account_poll(polls, busy, burst, done, t0)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from vring.jit import kernel
-from vring.ordering import cpu_relax, fence_seq_cst, load_i64_acquire, sys_poll, sys_read
+from vring.ordering import cpu_relax, cycles, fence_seq_cst, load_i64_acquire, sys_poll, sys_read
 from vring.ring import has_work, set_kicks
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,19 @@ def idle_sleep(ctrl, qs, watch, pollfds, buf):
         q = watch[i]
         if qs[q]["ready"] and not qs[q]["broken"]:
             set_kicks(qs, q, False)
+
+
+@kernel
+def account_poll(polls, busy, burst, done, t0):
+    """Self-measurement of one poll that returned ``done`` (-1: ring not ready) and began at cycle
+    ``t0``: polls[n] counts polls that found n frames, busy[] the cycles and frames of busy ones.
+    Returns the frames moved."""
+    if done > 0:
+        busy[0] += cycles() - t0
+        busy[1] += done
+    if done >= 0:
+        polls[min(done, burst)] += 1
+    return max(done, 0)
 
 
 @kernel

@@ -11,7 +11,7 @@ import numpy as np
 from vring import packed as P
 from vring import split as S
 from vring.jit import kernel
-from vring.layout import C_CALLS
+from vring.layout import C_BATCHES, C_CALLS
 from vring.ordering import load_u16, load_u64, prefetch_read, prefetch_write, sys_write
 
 EMPTY = P.EMPTY
@@ -95,6 +95,16 @@ def call(qs, q, counters, one):
         if fd >= 0:
             sys_write(np.int32(fd), np.uint64(one.ctypes.data), np.uint64(8))
             counters[q, C_CALLS] += 1
+
+
+@kernel
+def finish(qs, q, counters, one):
+    """``publish`` the batch, then signal the driver if it got used elements and wants to know."""
+    used = qs[q]["u_count"]
+    publish(qs, q)
+    if used > 0:
+        call(qs, q, counters, one)
+        counters[q, C_BATCHES] += 1
 
 
 @kernel
