@@ -52,6 +52,8 @@ VRING_MODE = {"tx": "sink", "rx": "source", "loop": "loopback", "xconnect": "xco
 DPDK_MODE = {"tx": "rxonly", "rx": "txonly", "loop": "io", "xconnect": "io"}
 FE_TESTPMD_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen", "xconnect": "flowgen"}
 FE_VRING_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen", "xconnect": "flowgen"}
+# Ring variants (testpmd frontend only): extra virtio_user devargs, queue pairs per port.
+VARIANTS = {"split": ("", 1), "packed": (",packed_vq=1", 1), "2q": ("", 2)}
 
 
 def socks(sock: str, direction: str) -> list[str]:
@@ -192,23 +194,28 @@ class Runner:
         os.makedirs(d, exist_ok=True)
         return tag, os.path.join("/tmp", f"{tag}.sock"), d
 
-    def backend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str) -> Proc:
+    def backend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str,
+                variant: str = "split") -> Proc:
+        q = VARIANTS[variant][1]
         if kind == "vring":
             argv = ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net",
                     *[a for s in socks(sock, direction) for a in ("--socket", s)],
                     "--mode", VRING_MODE[direction], "--poll", "--cpus", str(self.be_cpu), "--burst", str(burst),
-                    "--frame-size", str(size)]
+                    "--frame-size", str(size), "--queues", str(q)]
             return Proc("be_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.fe_cpu},1@{self.be_cpu}", "--no-pci", "--no-huge",
                 "-m", "256", f"--file-prefix={tag}_be",
                 *[a for i, s in enumerate(socks(sock, direction))
-                  for a in ("--vdev", f"net_vhost{i},iface={s},queues=1")],
+                  for a in ("--vdev", f"net_vhost{i},iface={s},queues={q}")],
                 "--",
                 f"--forward-mode={DPDK_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
-                f"--burst={burst}", f"--txpkts={size}", "--nb-cores=1", "--record-burst-stats"]
+                f"--burst={burst}", f"--txpkts={size}", "--nb-cores=1", "--record-burst-stats",
+                f"--rxq={q}", f"--txq={q}"]
         return Proc("be_dpdk", argv, d)
 
-    def frontend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str) -> Proc:
+    def frontend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str,
+                 variant: str = "split") -> Proc:
+        devargs, q = VARIANTS[variant]
         if kind == "vring":
             secs = self.a.warmup + self.a.seconds + 2
             argv = ["taskset", "-c", str(self.fe_cpu), sys.executable, "-m", "vring", "frontend",
@@ -219,25 +226,25 @@ class Runner:
         argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.be_cpu},1@{self.fe_cpu}", "--no-pci", "--no-huge",
                 "-m", "256", f"--file-prefix={tag}_fe",
                 *[a for i, s in enumerate(socks(sock, direction))
-                  for a in ("--vdev", f"net_virtio_user{i},path={s},queues=1")],
+                  for a in ("--vdev", f"net_virtio_user{i},path={s},queues={q}{devargs}")],
                 "--",
                 f"--forward-mode={FE_TESTPMD_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
-                f"--burst={burst}", f"--txpkts={size}", "--rxq=1", "--txq=1", "--nb-cores=1"]
+                f"--burst={burst}", f"--txpkts={size}", f"--rxq={q}", f"--txq={q}", "--nb-cores=1"]
         return Proc("fe_testpmd", argv, d)
 
-    def run(self, fe: str, be: str, direction: str, burst: int, size: int, rep: int) -> dict:
+    def run(self, fe: str, be: str, direction: str, burst: int, size: int, rep: int, variant: str = "split") -> dict:
         tag, sock, d = self._names()
         res: dict = {"frontend": fe, "backend": be, "dir": direction, "burst": burst, "size": size, "rep": rep,
-                     "mpps": None, "logs": d}
+                     "variant": variant, "mpps": None, "logs": d}
         procs: list[Proc] = []
         t_start = time.monotonic()
         try:
-            bep = self.backend(be, direction, burst, size, sock, tag, d)
+            bep = self.backend(be, direction, burst, size, sock, tag, d, variant)
             procs.append(bep)
             if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, direction)), 60, [bep]):
                 res["error"] = "backend socket did not appear"
                 return res
-            fep = self.frontend(fe, direction, burst, size, sock, tag, d)
+            fep = self.frontend(fe, direction, burst, size, sock, tag, d, variant)
             procs.append(fep)
             key = "tx" if direction == "tx" else "rx"
             nports = len(socks(sock, direction))
@@ -303,13 +310,14 @@ def _dist(v: list[float]) -> dict | None:
 def summarize(runs: list[dict]) -> list[dict]:
     keys = []
     for r in runs:
-        k = (r["frontend"], r["dir"], r["burst"], r["size"])
+        k = (r["frontend"], r.get("variant", "split"), r["dir"], r["burst"], r["size"])
         if k not in keys:
             keys.append(k)
     out = []
-    for fe, direction, burst, size in keys:
-        sel = [r for r in runs if (r["frontend"], r["dir"], r["burst"], r["size"]) == (fe, direction, burst, size)]
-        row = {"frontend": fe, "dir": direction, "burst": burst, "size": size}
+    for k in keys:
+        fe, variant, direction, burst, size = k
+        sel = [r for r in runs if (r["frontend"], r.get("variant", "split"), r["dir"], r["burst"], r["size"]) == k]
+        row = {"frontend": fe, "variant": variant, "dir": direction, "burst": burst, "size": size}
         for be in ("vring", "dpdk"):
             rs = [r for r in sel if r["backend"] == be]
             row[be] = _dist([r["mpps"] for r in rs if r.get("mpps") is not None])
@@ -333,10 +341,12 @@ def plot(summary: list[dict], path: str) -> None:
     lines: dict = {}
     for s in summary:
         if s["ratio_median"] is not None:
-            lines.setdefault((s["frontend"], s["dir"], s["size"]), []).append((s["burst"], s["ratio_median"]))
-    for (fe, direction, size), pts in sorted(lines.items()):
+            lines.setdefault((s["frontend"], s.get("variant", "split"), s["dir"], s["size"]), []).append(
+                (s["burst"], s["ratio_median"]))
+    for (fe, variant, direction, size), pts in sorted(lines.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{fe} fe, {direction}, {size} B")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=f"{fe} fe, {variant}, {direction}, {size} B")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("burst")
@@ -362,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dirs", default="tx,rx,loop,xconnect", help="tx,rx,loop,xconnect")
     ap.add_argument("--bursts", default="1,8,32,64")
     ap.add_argument("--sizes", default="64,512,1500")
+    ap.add_argument("--variants", default="split",
+                    help="split,packed,2q: ring layout / queue pairs (packed and 2q with the testpmd frontend only)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (after warm-up)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic skipped before measuring")
@@ -381,23 +393,27 @@ def main(argv: list[str] | None = None) -> int:
     for d in dirs:
         if d not in VRING_MODE:
             ap.error(f"bad direction {d}")
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"bad variant {v}")
     t_all = time.monotonic()
     runs: list[dict] = []
     work = tempfile.mkdtemp(prefix="vring-e2e-")
     runner = Runner(args, work)
     try:
-        for fe in frontends:
-            for direction in dirs:
-                for size in _ints(args.sizes):
-                    for burst in _ints(args.bursts):
-                        for rep in range(args.reps):
-                            for be in ("vring", "dpdk"):  # alternate, same session
-                                r = runner.run(fe, be, direction, burst, size, rep)
-                                runs.append(r)
-                                extra = f" empty={r['empty_share']:.1%}" if r.get("empty_share") is not None else ""
-                                log(f"{fe:>7} fe {direction:>4} burst {burst:>3} {size:>4} B rep {rep} {be:>5}: "
-                                    f"{r['mpps'] if r['mpps'] is not None else 'FAILED (' + r.get('error', '?') + ')'}"
-                                    f" Mpps{extra} foreign_cpu={r.get('foreign_cpu')}% ({r['seconds']} s)")
+        matrix = [(fe, v, d, size, burst) for fe in frontends for v in variants for d in dirs
+                  for size in _ints(args.sizes) for burst in _ints(args.bursts)
+                  if fe == "testpmd" or v == "split"]  # the in-tree generator drives split rings, one pair
+        for fe, variant, direction, size, burst in matrix:
+            for rep in range(args.reps):
+                for be in ("vring", "dpdk"):  # alternate, same session
+                    r = runner.run(fe, be, direction, burst, size, rep, variant)
+                    runs.append(r)
+                    extra = f" empty={r['empty_share']:.1%}" if r.get("empty_share") is not None else ""
+                    log(f"{fe:>7} fe {variant:>6} {direction:>4} burst {burst:>3} {size:>4} B rep {rep} {be:>5}: "
+                        f"{r['mpps'] if r['mpps'] is not None else 'FAILED (' + r.get('error', '?') + ')'}"
+                        f" Mpps{extra} foreign_cpu={r.get('foreign_cpu')}% ({r['seconds']} s)")
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")
     finally:
@@ -414,13 +430,13 @@ def main(argv: list[str] | None = None) -> int:
                    "summary": summary, "runs": runs}, f, indent=1)
     out_png = os.path.join(args.out, "e2e_ratio.png")
     plot(summary, out_png)
-    print("| frontend | dir | burst | size | vring Mpps med (min-max) | DPDK Mpps med (min-max) | ratio med | "
+    print("| frontend | variant | dir | burst | size | vring Mpps med (min-max) | DPDK Mpps med (min-max) | ratio med | "
           "vring empty | DPDK empty | foreign CPU max |")
-    print("|---|---|---:|---:|---|---|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---|---|---:|---:|---:|---:|")
     fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})" if d else "failed"  # noqa: E731
     pct = lambda d: f"{d['median']:.0%}" if d else "-"  # noqa: E731
     for s in summary:
-        print(f"| {s['frontend']} | {s['dir']} | {s['burst']} | {s['size']} | {fmt(s['vring'])} | {fmt(s['dpdk'])} | "
+        print(f"| {s['frontend']} | {s['variant']} | {s['dir']} | {s['burst']} | {s['size']} | {fmt(s['vring'])} | {fmt(s['dpdk'])} | "
               f"{s['ratio_median'] if s['ratio_median'] is not None else '-'} | {pct(s['vring_empty_share'])} | "
               f"{pct(s['dpdk_empty_share'])} | {s['foreign_cpu_max']}% |")
     print(f"elapsed {time.monotonic() - t_all:.0f} s; wrote {out_json} and {out_png}")
