@@ -138,15 +138,30 @@ def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     return n, total, buf_id, ndesc
 
 
+SCAN = 64  # descriptors begin() looks ahead: enough for a burst, so the batch's misses can overlap
+
+
 @kernel
 def begin(qs, q):
+    """Start a batch: how many descriptors from the next one on are available (up to SCAN), a hint
+    of the chains to prefetch (chains of several descriptors make it an over-estimate)."""
     qs[q]["t_idx"] = qs[q]["last_avail_idx"]
     qs[q]["t_wrap"] = qs[q]["avail_wrap"]
     qs[q]["t_count"] = 0
     qs[q]["u_idx"] = qs[q]["used_idx"]
     qs[q]["u_wrap"] = qs[q]["used_wrap"]
     qs[q]["u_count"] = 0
-    return 1 if is_avail(qs, q, np.int64(qs[q]["last_avail_idx"]), np.int64(qs[q]["avail_wrap"])) else 0
+    size = np.int64(qs[q]["size"])
+    idx = np.int64(qs[q]["last_avail_idx"])
+    wrap = np.int64(qs[q]["avail_wrap"])
+    n = 0
+    while n < min(SCAN, size) and is_avail(qs, q, idx, wrap):
+        n += 1
+        idx += 1
+        if idx == size:
+            idx = 0
+            wrap ^= 1
+    return n
 
 
 @kernel
