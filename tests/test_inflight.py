@@ -34,7 +34,7 @@ from vring import protocol as P
 from vring.frontend import GPA_BASE, NET_HDR, Frontend
 from vring.layout import new_qstate
 from vring.memory import MAX_REGIONS
-from vring.protocol import PF, Req
+from vring.protocol import PF, F, Req
 from vring.ring import begin, cursor, pop, publish, put_used, rollback
 from vring.split import MAX_SEGS
 
@@ -434,6 +434,22 @@ def test_hostile_inflight_messages(vring_proc, sockdir):
     finally:
         os.close(fd)
     plain.close()
+    # packed rings are not tracked: GET gives no area, SET is refused
+    pk = Frontend(path, queue_size=64)
+    pk.connect()
+    pk.send(Req.SET_OWNER)
+    pk.send(Req.SET_PROTOCOL_FEATURES, P.u64(int(PF.REPLY_ACK | PF.INFLIGHT_SHMFD)))
+    pk.protocol_features = PF.REPLY_ACK | PF.INFLIGHT_SHMFD
+    pk._set(Req.SET_FEATURES, P.u64(int(F.VERSION_1 | F.RING_PACKED | F.PROTOCOL_FEATURES)))
+    pk.get_inflight_fd()
+    assert pk.inflight_fd < 0
+    fd = make_fd("memfd", size)
+    try:
+        assert pk.ack(Req.SET_INFLIGHT_FD, P.record(P.INFLIGHT, mmap_size=size, num_queues=2, queue_size=64),
+                      (fd,)) != 0
+    finally:
+        os.close(fd)
+    pk.close()
     deadline = time.monotonic() + 5
     while fds_and_maps(v.proc.pid) != base and time.monotonic() < deadline:
         time.sleep(0.05)
