@@ -376,6 +376,15 @@ def test_vring_killed_mid_traffic_exactly_once_per_descriptor(vring_proc, sockdi
     assert "Traceback" not in v.log_text()
 
 
+def set_inflight(fe: Frontend, kind: str, fsize: int, **description) -> int:
+    """SET_INFLIGHT_FD with a fresh fd of ``kind``; the back-end's REPLY_ACK status."""
+    fd = make_fd(kind, fsize)
+    try:
+        return fe.ack(Req.SET_INFLIGHT_FD, P.record(P.INFLIGHT, **description), (fd,))
+    finally:
+        os.close(fd)
+
+
 def test_hostile_inflight_messages(vring_proc, sockdir):
     """Bad descriptions and fds: failed replies (no area); vring keeps serving and leaks nothing."""
     path = os.path.join(sockdir, "a.sock")
@@ -396,12 +405,7 @@ def test_hostile_inflight_messages(vring_proc, sockdir):
         (size, 0, 2, 64, "socket", 0), (size, 0, 2, 64, "rofile", 0),
     ]
     for ms, off, nq, qs, kind, fsize in cases:
-        fd = make_fd(kind, fsize)
-        try:
-            status = fe.ack(Req.SET_INFLIGHT_FD, P.record(P.INFLIGHT, mmap_size=ms, mmap_offset=off, num_queues=nq,
-                                                          queue_size=qs), (fd,))
-        finally:
-            os.close(fd)
+        status = set_inflight(fe, kind, fsize, mmap_size=ms, mmap_offset=off, num_queues=nq, queue_size=qs)
         assert status != 0, (ms, off, nq, qs, kind)
     for nq, qs in ((0, 64), (300, 64), (2, 3), (2, 0), (2, 65535)):
         fe.send(Req.GET_INFLIGHT_FD, P.record(P.INFLIGHT, num_queues=nq, queue_size=qs))
@@ -427,12 +431,7 @@ def test_hostile_inflight_messages(vring_proc, sockdir):
     plain = Frontend(path, queue_size=64)
     plain.connect()
     plain.setup()
-    fd = make_fd("memfd", size)
-    try:
-        assert plain.ack(Req.SET_INFLIGHT_FD, P.record(P.INFLIGHT, mmap_size=size, num_queues=2, queue_size=64),
-                         (fd,)) != 0
-    finally:
-        os.close(fd)
+    assert set_inflight(plain, "memfd", size, mmap_size=size, num_queues=2, queue_size=64) != 0
     plain.close()
     # packed rings are not tracked: GET gives no area, SET is refused
     pk = Frontend(path, queue_size=64)
@@ -443,12 +442,7 @@ def test_hostile_inflight_messages(vring_proc, sockdir):
     pk._set(Req.SET_FEATURES, P.u64(int(F.VERSION_1 | F.RING_PACKED | F.PROTOCOL_FEATURES)))
     pk.get_inflight_fd()
     assert pk.inflight_fd < 0
-    fd = make_fd("memfd", size)
-    try:
-        assert pk.ack(Req.SET_INFLIGHT_FD, P.record(P.INFLIGHT, mmap_size=size, num_queues=2, queue_size=64),
-                      (fd,)) != 0
-    finally:
-        os.close(fd)
+    assert set_inflight(pk, "memfd", size, mmap_size=size, num_queues=2, queue_size=64) != 0
     pk.close()
     deadline = time.monotonic() + 5
     while fds_and_maps(v.proc.pid) != base and time.monotonic() < deadline:

@@ -7,6 +7,7 @@ messages, for the hostile tests.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
@@ -383,10 +384,8 @@ class Frontend:
             r.close()
         self.rings = []
         if self.inflight_mm is not None:
-            try:
+            with contextlib.suppress(BufferError):  # a caller still holds a view of the area
                 self.inflight_mm.close()
-            except BufferError:
-                pass  # a caller still holds a view of the area
             self.inflight_mm = None
         if self.inflight_fd >= 0:
             os.close(self.inflight_fd)
