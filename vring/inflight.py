@@ -29,6 +29,7 @@ import stat
 import numpy as np
 
 from vring.jit import kernel
+from vring.layout import MAX_QUEUE_SIZE
 from vring.ordering import fence_release, load_u32, store_u8, store_u16, store_u16_release, store_u64
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ VERSION = 1
 ALIGN = 64  # per-queue regions start on a cache line (as libvhost-user lays them out)
 H_LAST_BATCH_HEAD, H_USED_IDX = 12, 14  # header offsets the kernels write
 MAX_QUEUES = 256  # vrings per port we accept in an inflight description
-MAX_QUEUE_SIZE = 32768
 
 
 class InflightError(Exception):
