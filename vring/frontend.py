@@ -7,6 +7,7 @@ messages, for the hostile tests.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import socket
@@ -138,7 +139,7 @@ class Frontend:
 
     def __init__(self, path: str, queue_pairs: int = 1, queue_size: int = 256, buf_size: int = 2048,
                  mem_size: int = 0, features: int | None = None, protocol_features: int | None = None,
-                 nvrings: int | None = None):
+                 nvrings: int | None = None, inflight: bool = False):
         self.path = path
         self.nvrings = nvrings if nvrings is not None else 2 * queue_pairs
         self.queue_size = queue_size
@@ -148,6 +149,12 @@ class Frontend:
         self.mem_size = max(mem_size, _align(need, 1 << 21))
         self.want_features = int(features if features is not None else self.DEFAULT_FEATURES)
         self.want_protocol = int(protocol_features if protocol_features is not None else self.DEFAULT_PROTOCOL)
+        if inflight:
+            self.want_protocol |= PF.INFLIGHT_SHMFD
+        # the back-end's inflight area (GET_INFLIGHT_FD), kept across reconnects as QEMU does for blk
+        self.inflight_fd = -1
+        self.inflight_desc: np.ndarray | None = None
+        self.inflight_mm: mmap.mmap | None = None
         self.fd = os.memfd_create("vring-frontend", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.mem_size)
         self.mm = mmap.mmap(self.fd, self.mem_size, flags=mmap.MAP_SHARED)
@@ -205,6 +212,16 @@ class Frontend:
         req, flags, size = P.decode_header(head)
         return req, flags, self._exact(size)
 
+    def recv_fds(self) -> tuple[int, int, bytes, list[int]]:
+        """A message that may carry fds (the header's first byte brings them)."""
+        assert self.sock is not None
+        head, fds, _, _ = socket.recv_fds(self.sock, P.HEADER_SIZE, P.MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+        if not head:
+            raise ConnectionError("back-end closed the connection")
+        head += self._exact(P.HEADER_SIZE - len(head))
+        req, flags, size = P.decode_header(head)
+        return req, flags, self._exact(size), fds
+
     def _exact(self, n: int) -> bytes:
         buf = b""
         while len(buf) < n:
@@ -251,11 +268,18 @@ class Frontend:
             self.send(Req.SET_PROTOCOL_FEATURES, P.u64(pf))
             self.protocol_features = pf
         self._set(Req.SET_FEATURES, P.u64(self.features))
+        if self.protocol_features & PF.INFLIGHT_SHMFD:
+            # as QEMU's vhost-user-blk: get an area once, hand it back on every (re)connection
+            if self.inflight_fd < 0:
+                self.get_inflight_fd()
+            if self.inflight_fd >= 0:
+                self._set(Req.SET_INFLIGHT_FD, self.inflight_desc, (self.inflight_fd,))
         self._set(Req.SET_MEM_TABLE, P.mem_table(self.region()), (self.fd,))
         for r in self.rings:
             r.event_idx = bool(self.features & F.RING_EVENT_IDX)
             self._set(Req.SET_VRING_NUM, P.record(P.VRING_STATE, index=r.index, num=r.size))
-            self._set(Req.SET_VRING_BASE, P.record(P.VRING_STATE, index=r.index, num=0))
+            # where a back-end that can't tell us (it died) stopped: the used index (as QEMU does)
+            self._set(Req.SET_VRING_BASE, P.record(P.VRING_STATE, index=r.index, num=int(r.used["idx"])))
             self._set(Req.SET_VRING_ADDR, P.record(
                 P.VRING_ADDR, index=r.index, desc=self.uaddr + r.desc_off, used=self.uaddr + r.used_off,
                 avail=self.uaddr + r.avail_off))
@@ -267,6 +291,38 @@ class Frontend:
         if self.protocol_features & PF.STATUS:
             # ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK: DPDK's back-end starts the device only now
             self._set(Req.SET_STATUS, P.u64(0xF))
+
+    def get_inflight_fd(self) -> None:
+        """GET_INFLIGHT_FD for every vring; keeps the fd and maps the area (mmap_size 0: none given)."""
+        self.send(Req.GET_INFLIGHT_FD, P.record(P.INFLIGHT, num_queues=self.nvrings, queue_size=self.queue_size))
+        req, flags, body, fds = self.recv_fds()
+        assert req == Req.GET_INFLIGHT_FD and flags & P.FLAG_REPLY, (req, flags)
+        d = np.frombuffer(body, P.INFLIGHT, 1).copy()
+        size, offset = int(d[0]["mmap_size"]), int(d[0]["mmap_offset"])
+        if size == 0 or not fds:
+            for fd in fds:
+                os.close(fd)
+            return
+        for fd in fds[1:]:
+            os.close(fd)
+        self.inflight_fd, self.inflight_desc = fds[0], d
+        self.inflight_mm = mmap.mmap(self.inflight_fd, offset + size, flags=mmap.MAP_SHARED)
+
+    def inflight_region(self, index: int) -> np.ndarray:
+        """The bytes of vring ``index``'s region of the inflight area (for tests and inspection)."""
+        from vring.inflight import queue_bytes
+
+        assert self.inflight_mm is not None and self.inflight_desc is not None
+        n = queue_bytes(self.queue_size)
+        return np.frombuffer(self.inflight_mm, np.uint8, n, int(self.inflight_desc[0]["mmap_offset"]) + index * n)
+
+    def reconnect(self, timeout: float = 30.0) -> None:
+        """A new connection to a (restarted) back-end, rings and inflight area carried over."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.connect(timeout)
+        self.setup()
 
     def get_vring_base(self, index: int) -> int:
         body = self.call(Req.GET_VRING_BASE, P.record(P.VRING_STATE, index=index))
@@ -327,6 +383,13 @@ class Frontend:
         for r in self.rings:
             r.close()
         self.rings = []
+        if self.inflight_mm is not None:
+            with contextlib.suppress(BufferError):  # a caller still holds a view of the area
+                self.inflight_mm.close()
+            self.inflight_mm = None
+        if self.inflight_fd >= 0:
+            os.close(self.inflight_fd)
+            self.inflight_fd = -1
         self.mem = None  # type: ignore[assignment]
         try:
             self.mm.close()

@@ -78,6 +78,9 @@ QSTATE = np.dtype(
         ("u_wrap", "<u4"),
         ("head_flags", "<u4"),  # packed: flags of the batch's first used element, stored last
         ("head_addr", "<u8"),
+        # in-flight tracking (vring.inflight): host address of this queue's region, 0 = not tracked
+        ("inflight", "<u8"),
+        ("inflight_counter", "<u8"),
     ],
     align=True,
 )

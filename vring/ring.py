@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from vring import inflight as I
 from vring import packed as P
 from vring import split as S
 from vring.jit import kernel
@@ -49,6 +50,8 @@ def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     if m < 0:
         return m, total, 0, 0
     qs[q]["t_count"] = t + 1
+    if qs[q]["inflight"]:
+        I.mark(qs, q, head)
     return m, total, head, 1
 
 
@@ -60,6 +63,11 @@ def cursor(qs, q):
 
 @kernel
 def rollback(qs, q, c):
+    if qs[q]["inflight"]:  # split only: the chains popped since ``c`` are no longer in flight
+        for t in range(c >> 17, np.int64(qs[q]["t_count"])):
+            h = S.avail_head(qs, q, t)
+            if h >= 0:
+                I.unmark(qs, q, h)
     qs[q]["t_count"] = c >> 17
     qs[q]["t_wrap"] = (c >> 16) & 1
     qs[q]["t_idx"] = c & 0xFFFF
@@ -80,7 +88,12 @@ def publish(qs, q):
     if qs[q]["packed"]:
         P.publish(qs, q)
     else:
+        tracked = qs[q]["inflight"] != 0 and qs[q]["u_count"] > 0
+        if tracked:
+            I.link_batch(qs, q, qs[q]["u_count"])
         S.publish_used(qs, q, qs[q]["t_count"], qs[q]["u_count"])
+        if tracked:
+            I.clear_batch(qs, q, qs[q]["u_count"])
         qs[q]["t_count"] = 0
         qs[q]["u_count"] = 0
         qs[q]["avail_cache"] = 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vring import inflight
 from vring import protocol as P
 from vring.device import Device
 from vring.layout import (
@@ -83,6 +84,7 @@ class Session:
         self.closed = False
         # (gpa, size, uaddr) -> extra ADD_MEM_REGs of an already mapped region (see _add_mem_reg)
         self.mem_dups: dict[tuple[int, int, int], int] = {}
+        self.inflight: inflight.Area | None = None  # GET/SET_INFLIGHT_FD
 
     # ---- I/O ----
     def _recv_exact(self, n: int) -> bytes:
@@ -104,8 +106,13 @@ class Session:
             self.sock.settimeout(MSG_TIMEOUT_S)
         return bytes(buf)
 
-    def _send(self, request: int, payload: bytes | np.ndarray) -> None:
-        self.sock.sendall(P.encode(request, payload, reply=True))
+    def _send(self, request: int, payload: bytes | np.ndarray, fds: list[int] | None = None) -> None:
+        msg = P.encode(request, payload, reply=True)
+        if fds:
+            n = socket.send_fds(self.sock, [msg], fds)
+            self.sock.sendall(msg[n:])  # the rest, if the first sendmsg was short (fds went with byte 0)
+        else:
+            self.sock.sendall(msg)
 
     def handle(self) -> bool:
         """Read and handle one message. False when the connection is finished."""
@@ -166,7 +173,14 @@ class Session:
             if reply is None:
                 # a request that must be answered but failed: no way to say so in-band
                 raise ProtocolError(f"{Req(request).name} failed; closing", fatal=True)
-            self._send(request, reply)
+            out_fds: list[int] = []
+            if isinstance(reply, tuple):  # (payload, fds to send and then close)
+                reply, out_fds = reply
+            try:
+                self._send(request, reply, out_fds)
+            finally:
+                for fd in out_fds:
+                    os.close(fd)
         elif need_ack:
             self._send(request, P.u64(0 if ok else 1))
 
@@ -194,6 +208,7 @@ class Session:
         row = self.dev.row(self.port, index)
         q = self.dev.qstate[row]
         q["ready"] = 0
+        q["inflight"] = 0
         q["kick_fd"] = v.kick
         q["call_fd"] = v.call
         q["mem"] = self.port
@@ -235,7 +250,27 @@ class Session:
             v.base = used_idx
         q["last_avail_idx"] = v.base
         q["used_idx"] = v.base
+        self._start_inflight(index, q, v.num)
         self._start_common(q, row, v.num)
+
+    def _start_inflight(self, index: int, q: np.void, num: int) -> None:
+        """Reconcile the queue's inflight region with its ring and let the data plane track it."""
+        a = self.inflight
+        q["inflight_counter"] = 0
+        if a is None or index >= a.num_queues:
+            return
+        if a.queue_size != num:
+            log.warning("%s: vring %d has %d descriptors, its inflight region %d: not tracked", self.name, index,
+                        num, a.queue_size)
+            return
+        ring = np.frombuffer(_at(q["avail"], avail_bytes(num)), np.uint16)  # flags, idx, ring[num]
+        n, problem = inflight.recover(a.region(index), num, int(q["used_idx"]), ring[2 : 2 + num], int(ring[1]))
+        if problem:
+            log.warning("%s: vring %d: %s", self.name, index, problem)
+        if n:
+            log.info("%s: vring %d: %d chain(s) were in flight: resubmitted in counter order from used idx %d",
+                     self.name, index, n, int(q["used_idx"]))
+        q["inflight"] = a.addr(index)
 
     def _start_common(self, q: np.void, row: int, num: int) -> None:
         q["size"] = num
@@ -444,6 +479,46 @@ class Session:
     def _get_status(self, payload, fds):
         return P.u64(self.status)
 
+    def _get_inflight_fd(self, payload, fds):
+        d = P.parse(P.INFLIGHT, payload)
+        nq, size = int(d["num_queues"]), int(d["queue_size"])
+        try:
+            self._check_inflight()
+            area, fd = inflight.create(nq, size, len(self.vrings))
+        except (Failed, inflight.InflightError, OSError) as e:
+            # mmap_size 0 and no fd: "no inflight area" (QEMU then goes on without one)
+            log.warning("%s: GET_INFLIGHT_FD num_queues=%d queue_size=%d refused: %s", self.name, nq, size, e)
+            return P.record(P.INFLIGHT, num_queues=nq, queue_size=size)
+        self._replace_inflight(area)
+        log.info("%s: inflight area of %d bytes for %d queue(s) of %d", self.name, area.size, nq, size)
+        return P.record(P.INFLIGHT, mmap_size=area.size, mmap_offset=0, num_queues=nq, queue_size=size), [fd]
+
+    def _set_inflight_fd(self, payload, fds):
+        d = P.parse(P.INFLIGHT, payload)
+        self._check_inflight()
+        try:  # the fd stays in ``fds``: closed after this message, the mapping keeps the memory
+            area = inflight.attach(fds[0], int(d["mmap_size"]), int(d["mmap_offset"]), int(d["num_queues"]),
+                                   int(d["queue_size"]), len(self.vrings))
+        except inflight.InflightError as e:
+            raise Failed(str(e)) from None
+        self._replace_inflight(area)
+        log.info("%s: inflight area set: %d queue(s) of %d", self.name, area.num_queues, area.queue_size)
+
+    def _check_inflight(self) -> None:
+        if not self.protocol_features & PF.INFLIGHT_SHMFD:
+            raise Failed("INFLIGHT_SHMFD was not negotiated")
+        if self.features & F.RING_PACKED:
+            raise Failed("in-flight tracking is implemented for split rings only (RING_PACKED negotiated)")
+
+    def _replace_inflight(self, area: inflight.Area | None) -> None:
+        with self.dev.paused():
+            for i in range(len(self.vrings)):
+                self._sync(i)
+            old, self.inflight = self.inflight, area
+            self._refresh_all()  # no qstate row points into the old area any more
+        if old is not None:
+            old.close()
+
     def _get_config(self, payload, fds):
         h = np.frombuffer(payload, P.CONFIG_HEAD, 1)[0]
         data = self.dev.get_config(self.port, int(h["offset"]), int(h["size"]))
@@ -462,6 +537,7 @@ class Session:
                         os.close(fd)
                 self.vrings[i] = Vring()
                 self._apply(i)
+        self._replace_inflight(None)  # a reset device starts with a new area (spec: GET_INFLIGHT_FD)
         self.features = 0
         self.features_set = False
         self.protocol_features = 0
