@@ -78,6 +78,7 @@ QSTATE = np.dtype(
         ("u_wrap", "<u4"),
         ("head_flags", "<u4"),  # packed: flags of the batch's first used element, stored last
         ("head_addr", "<u8"),
+        ("max_frame", "<u4"),  # virtio-net TX: longest frame accepted (MTU + 14), 0: no limit
     ],
     align=True,
 )

@@ -444,6 +444,16 @@ class Session:
     def _get_status(self, payload, fds):
         return P.u64(self.status)
 
+    def _net_set_mtu(self, payload, fds):
+        if not self.protocol_features & PF.NET_MTU:
+            raise Failed("NET_SET_MTU without the NET_MTU protocol feature")
+        mtu = int(P.parse(P.U64, payload)["u64"])
+        if not P.MIN_MTU <= mtu <= P.MAX_MTU:
+            raise Failed(f"MTU {mtu} out of range ({P.MIN_MTU}..{P.MAX_MTU})")
+        if not self.dev.set_mtu(self.port, mtu):
+            raise Failed(f"a {self.dev.kind} device has no MTU")
+        log.info("%s: MTU %d", self.name, mtu)
+
     def _get_config(self, payload, fds):
         h = np.frombuffer(payload, P.CONFIG_HEAD, 1)[0]
         data = self.dev.get_config(self.port, int(h["offset"]), int(h["size"]))
