@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand: each has ``register(subparsers)`` adding a parser whose
 # defaults set ``func(args) -> int``.
-COMMAND_MODULES: list[str] = ["vring.stats", "devices.vsock", "devices.switch"]
+COMMAND_MODULES: list[str] = ["vring.stats", "devices.vsock", "devices.switch", "vring.run"]
 
 
 def main(argv: list[str] | None = None) -> int:
