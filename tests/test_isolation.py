@@ -268,3 +268,28 @@ def test_garbage_on_one_device_leaves_the_others_running(sockdir, peers, vring_p
         for p in (0, 1):
             line = next(x for x in log.splitlines() if x.startswith(f"{dev} port {p} "))
             assert " errors=0" in line, line
+
+
+def test_run_config_errors(sockdir):
+    """A bad file is refused at start with the entry and key named; nothing is left listening."""
+    import subprocess
+    import sys
+
+    cases = {
+        "devices: []\n": "expected a top-level 'devices' list",
+        "devices:\n  - {type: net, sockets: [X/a.sock], bogus: 1}\n": "devices[0] (net): unknown key(s) bogus",
+        "devices:\n  - {type: tap, sockets: [X/a.sock]}\n": "devices[0]: type must be one of",
+        "devices:\n  - {type: net, sockets: [X/a.sock], mtu: 20}\n": "devices[0] (net): MTU must be 68..65535",
+        "devices:\n  - {type: net, sockets: [X/a.sock]}\n  - {type: switch, sockets: [X/a.sock]}\n":
+            "two ports share a socket path",
+        "devices:\n  - {type: vsock, vms: [{guest_cid: 3}]}\n": "socket is required",
+    }
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for text, err in cases.items():
+        cfg = os.path.join(sockdir, "bad.yaml")
+        with open(cfg, "w") as f:
+            f.write(text.replace("X", sockdir))
+        r = subprocess.run([sys.executable, "-m", "vring", "run", cfg], capture_output=True, text=True, cwd=root,
+                           timeout=120)
+        assert r.returncode == 2 and err in r.stderr, (text, r.returncode, r.stderr[-2000:])
+    assert not [n for n in os.listdir(sockdir) if n.endswith(".sock")]

@@ -2,6 +2,7 @@
 dropped and counted. (Two QEMU guests with host_mtu=9000: tests/test_qemu.py.)"""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -88,3 +89,28 @@ def test_set_mtu_needs_reply_ack_only_when_asked(vring_proc, sockdir):
         fe.close()
     v.wait_log("port0: MTU 1400", 10)
     assert v.stop() == 0
+
+
+def start_switch(vring_proc, sockdir):
+    a, b = os.path.join(sockdir, "a.sock"), os.path.join(sockdir, "b.sock")
+    v = vring_proc("switch", "--mtu", "1500", "--socket", a, "--socket", b)
+    v.wait_log("port=1 listening", 60)
+    return v, (a, b)
+
+
+def test_switch_drops_frames_over_mtu(vring_proc, sockdir):
+    v, (a, b) = start_switch(vring_proc, sockdir)
+    fa, fb = connect(a, queue_size=64), connect(b, queue_size=64)
+    try:
+        assert fa.send_frames([frame(1, 1515), frame(2, 1514)]) == 2  # unknown unicast: flooded to b
+        got: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            got += fb.recv_frames()
+        assert [check(f) for f in got] == [2]
+    finally:
+        fa.close()
+        fb.close()
+    assert v.stop() == 0
+    c = v.port_counters()
+    assert c[0]["tx_dropped"] == 1 and c[0]["tx_packets"] == 1 and c[1]["rx_packets"] == 1, c

@@ -41,6 +41,16 @@ def parse_features(text: str) -> int:
     return int(mask)
 
 
+def mtu_arg(text: str) -> int:
+    """--mtu: 68..65535 (what NET_SET_MTU accepts too)."""
+    from vring.protocol import MAX_MTU, MIN_MTU
+
+    n = int(text)
+    if not MIN_MTU <= n <= MAX_MTU:
+        raise argparse.ArgumentTypeError(f"must be {MIN_MTU}..{MAX_MTU}")
+    return n
+
+
 def cmd_net(args: argparse.Namespace) -> int:
     from devices.net import NetDevice
 
@@ -130,7 +140,7 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-rounds", type=int, default=20000,
                         help="adaptive (default): empty rounds before sleeping on the kick eventfds (default 20000)")
     parser.add_argument("--cpus", metavar="LIST", help="pin the data-plane thread to these CPUs, e.g. 1 or 0,2-3")
-    parser.add_argument("--mtu", type=int, default=0, metavar="N",
+    parser.add_argument("--mtu", type=mtu_arg, default=0, metavar="N",
                         help="drop frames from a driver longer than N + 14 bytes (+4 with a VLAN tag) and report N "
                              "in the config space; a front-end's NET_SET_MTU (QEMU host_mtu=) overrides it for its "
                              "port (default: no limit)")
