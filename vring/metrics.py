@@ -20,7 +20,8 @@ import threading
 COUNTERS = {
     "packets": ("vring_packets", "Frames moved through the vring"),
     "bytes": ("vring_bytes", "Frame bytes (without the virtio-net header) moved through the vring"),
-    "drops": ("vring_drops", "Frames dropped toward the vring (no room, no front-end, not ready)"),
+    "drops": ("vring_drops", "Frames dropped toward an RX vring (no room, no front-end, not ready) or taken from a TX "
+              "vring and dropped (longer than the MTU)"),
     "calls": ("vring_notifications", "Notifications (call eventfd writes) sent to the driver"),
     "errors": ("vring_errors", "Malformed chains and ring errors"),
     "batches": ("vring_batches", "Data-plane batches that used the vring"),
