@@ -4,8 +4,8 @@ One process serves: two net devices (each a cross-connect of two ports) carrying
 traffic (one testpmd, four virtio-user ports, flowgen), a vsock device (the in-tree guest driver
 of tests/test_vsock.py, host side on a unix socket), and a fifth device, ``bad``, that gets:
 
-1. a front-end that stalls mid-message over and over, holding bad's control thread, while
-   testpmd and the vsock guest set up their devices (they must not wait for it);
+1. a front-end that stalls mid-message over and over while bad's other port, testpmd and the
+   vsock guest set up (nobody waits for it: vring buffers partial messages per connection);
 2. hostile protocol messages (tests/test_hostile_protocol.py's helpers): bad memory tables, fds
    of the wrong kind, out-of-range indexes, unknown requests, too many fds, a bad MTU, a bad
    version and an oversized message;
@@ -28,6 +28,7 @@ import time
 import pytest
 from peers import Testpmd, require_peer
 from test_hostile_protocol import fds_and_maps, make_fd, message_bytes, prepare, read_msg, send_raw, sync
+from test_net import check, frame
 from test_vsock import Guest, read_line
 
 from devices.vsock_proto import OP_REQUEST, OP_RESPONSE, OP_RW, TYPE_STREAM
@@ -75,17 +76,18 @@ def wait_growth(d: str, before: dict[str, int], timeout: float = 30) -> dict[str
 
 class Staller(threading.Thread):
     """Sends the first byte of a message and waits until vring drops the connection (after
-    MSG_TIMEOUT_S), again and again: the device's control thread is stuck in that read."""
+    MSG_TIMEOUT_S), again and again."""
 
     def __init__(self, path: str):
         super().__init__(daemon=True)
-        self.path, self.stop, self.drops = path, threading.Event(), 0
+        self.path, self.stop, self.drops, self.sent = path, threading.Event(), 0, threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(self.path)
                 s.send(message_bytes(Req.GET_FEATURES, b"", P.VERSION)[:1])
+                self.sent.set()
                 while not self.stop.is_set():
                     if select.select([s], [], [], 0.1)[0]:
                         if s.recv(1) == b"":
@@ -202,9 +204,25 @@ def test_garbage_on_one_device_leaves_the_others_running(sockdir, peers, vring_p
     pid = v.proc.pid
     base = fds_and_maps(pid)
 
-    # 1. bad's control thread is held by a stalling front-end while the others set up
+    # 1. a front-end stalls mid-message on bad's port 0 while the others set up
     staller = Staller(os.path.join(d, "g0.sock"))
     staller.start()
+    assert staller.sent.wait(10)
+    # bad's port 1 (same device, same control thread) sets up and loops frames meanwhile: its
+    # messages are not queued behind the stalled one (which vring drops only after MSG_TIMEOUT_S)
+    other = Frontend(os.path.join(d, "g1.sock"), queue_size=64)
+    try:
+        other.connect()
+        other.setup()
+        other.post_rx()
+        assert other.send_frames([frame(i) for i in range(8)]) == 8
+        got: list[bytes] = []
+        while len(got) < 8:
+            got += other.recv_frames()
+        assert [check(f) for f in got] == list(range(8))
+        assert staller.drops == 0, "port 1's set-up waited for the stalled port 0"
+    finally:
+        other.close()
     fe = peers.add(Testpmd([f"{d}/a1.sock", f"{d}/b1.sock", f"{d}/a2.sock", f"{d}/b2.sock"], "flowgen",
                            cpus=(0, 1), workdir=d, name="fe"))
     g = Guest(os.path.join(d, "v3.sock"), 3)

@@ -3,11 +3,12 @@
 Each device gets what ``vring net`` / ``vring switch`` / ``vring vsock`` would give it alone: its
 own data-plane worker thread and its own control-plane thread (a :class:`vring.server.Server`
 with its own selector), plus, if asked, its own control socket and metrics endpoint. So a
-front-end that sends garbage or stalls mid-message holds only its own device's control thread
-(for at most 2 x MSG_TIMEOUT_S per message), a bad ring breaks only its queue, and a bug that
-ends one device's control thread is logged and leaves the others serving. What is still shared:
-the GIL (the data planes run nogil; the vsock data plane and all control threads take turns)
-and, within one device, the control thread of all its ports.
+front-end whose messages are slow to handle (a pause of its device's data plane, a big memory
+table) delays only its own device, a bad ring breaks only its queue, and a bug that ends one
+device's control thread is logged and leaves the others serving. (A front-end that stalls
+mid-message holds nobody, not even its own device's other ports: sessions buffer partial
+messages.) What is still shared: the GIL (the data planes run nogil; the vsock data plane and
+all control threads take turns).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 HELP = """\
 Serve several vhost-user devices (virtio-net ports, switches, vsock guests) from one process.
 Every device has its own data-plane thread and its own control-plane thread: a front-end that
-stalls or sends garbage on one device never delays the others.
+sends garbage to one device never delays the others.
 
 CONFIG.yaml:
   devices:

@@ -152,6 +152,10 @@ class Server:
                 self._attach(ep, conn)
             elif ep.session is not None and not ep.session.handle():
                 self._detach(ep)
+        for ep in self.endpoints:
+            if ep.session is not None and ep.session.stalled():
+                log.warning("%sport=%d front-end stopped mid-message; closing the connection", self.tag, ep.port)
+                self._detach(ep)
         self._check_broken()
 
     def serve(self, until: float | None = None) -> None:
