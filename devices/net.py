@@ -22,8 +22,8 @@ from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, cycles, store_u16, store_u64
-from vring.protocol import PF, F
+from vring.ordering import copy_bytes, cycles, load_u8, store_u16, store_u64
+from vring.protocol import MAX_MTU, MIN_MTU, PF, F
 from vring.ring import EMPTY, begin, cursor, finish, pop, prefetch_batch, put_used, rollback
 from vring.split import MAX_SEGS
 
@@ -34,13 +34,15 @@ MODES = ("xconnect", "loopback", "sink", "source")
 MAX_MRG = 64  # RX chains one frame may be merged over
 HDR_LEN_V1 = 12  # virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
 HDR_LEN_LEGACY = 10
+ETH_HLEN = 14  # a frame may be MTU + 14 bytes long (+ 4 with one VLAN tag)
+DEFAULT_MTU = 1500  # reported in the config space when no MTU is set
 
 # IN_ORDER holds by construction: every chain is completed, in order, in the batch that popped it
 NET_FEATURES = (
     F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_INDIRECT_DESC | F.RING_EVENT_IDX | F.PROTOCOL_FEATURES | F.ANY_LAYOUT
-    | F.RING_PACKED | F.IN_ORDER
+    | F.RING_PACKED | F.IN_ORDER | F.NET_MTU
 )
-NET_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.INFLIGHT_SHMFD
+NET_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.INFLIGHT_SHMFD | PF.NET_MTU
 
 
 @kernel
@@ -148,6 +150,30 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
 
 
 @kernel
+def _byte_at(s_hva, s_len, ns, off):
+    """The byte ``off`` bytes into the source pieces (the caller knows they are that long)."""
+    si = 0
+    while si < ns and off >= s_len[si]:
+        off -= s_len[si]
+        si += 1
+    return load_u8(s_hva[si] + off)
+
+
+@kernel
+def too_long(qs, src, s_hva, s_len, ns, hl, flen):
+    """Whether a frame of ``flen`` bytes from TX ring ``src`` exceeds its port's MTU (max_frame =
+    MTU + 14; 4 bytes more for a frame with one VLAN tag: 802.1Q 0x8100 or 802.1ad 0x88a8)."""
+    limit = np.uint64(qs[src]["max_frame"])
+    if limit == 0 or flen <= limit:
+        return False
+    if flen > limit + np.uint64(4):
+        return True
+    t = (np.uint32(_byte_at(s_hva, s_len, ns, hl + np.uint64(12))) << np.uint32(8)) | np.uint32(
+        _byte_at(s_hva, s_len, ns, hl + np.uint64(13)))
+    return t != 0x8100 and t != 0x88A8
+
+
+@kernel
 def _ready(qs, q):
     return q >= 0 and qs[q]["ready"] != 0 and qs[q]["broken"] == 0
 
@@ -198,6 +224,9 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
             counters[src, C_ERRORS] += 1  # a runt without a full header: nothing to forward
             continue
         flen = total - hl
+        if too_long(qs, src, s_hva, s_len, ns, hl, flen):
+            counters[src, C_DROPS] += 1  # longer than the MTU the front-end set (or --mtu)
+            continue
         counters[src, C_PACKETS] += 1
         counters[src, C_BYTES] += flen
         if capturing:
@@ -308,12 +337,13 @@ class NetDevice(Device):
     kind = "net"
 
     def __init__(self, nports: int, mode: str, queues: int = 1, frame_size: int = 64, burst: int = 32,
-                 idle_rounds: int = 20000, cpus: list[int] | None = None, disable: int = 0):
+                 idle_rounds: int = 20000, cpus: list[int] | None = None, disable: int = 0, mtu: int = 0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode == "xconnect" and nports != 2:
             raise ValueError("xconnect needs exactly two ports")
         super().__init__(nports, 2 * queues)
+        self._init_mtu(mtu)
         self.mode = mode
         self.queues = queues
         self.burst = burst
@@ -372,6 +402,38 @@ class NetDevice(Device):
         v1 = features & (F.VERSION_1 | F.NET_MRG_RXBUF)
         self.qstate[row]["hdr_len"] = HDR_LEN_V1 if v1 else HDR_LEN_LEGACY
         self.qstate[row]["mrg_rxbuf"] = 1 if features & F.NET_MRG_RXBUF else 0
+        mtu = self.port_mtu(row // self.nvq)
+        self.qstate[row]["max_frame"] = mtu + ETH_HLEN if mtu else 0
+
+    # ---- MTU: --mtu for every port, NET_SET_MTU for one connection ----
+    def _init_mtu(self, mtu: int) -> None:
+        if mtu and not MIN_MTU <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU must be {MIN_MTU}..{MAX_MTU}")
+        self.mtu = mtu
+        self.set_mtus = [0] * self.nports  # NET_SET_MTU of each port's current front-end
+
+    def port_mtu(self, port: int) -> int:
+        """The MTU frames from ``port`` are held to: its front-end's NET_SET_MTU, else --mtu (0: none)."""
+        return self.set_mtus[port] or self.mtu
+
+    def set_mtu(self, port: int, mtu: int) -> bool:
+        with self.paused():
+            self.set_mtus[port] = mtu
+            for row in range(self.row(port, 0), self.row(port, self.nvq)):
+                self.qstate[row]["max_frame"] = mtu + ETH_HLEN
+        return True
+
+    def disconnected(self, port: int) -> None:
+        self.set_mtus[port] = 0  # the next front-end says its own
+
+    def get_config(self, port: int, offset: int, size: int) -> bytes | None:
+        """struct virtio_net_config (§5.1.4): mac[6] (none offered: zero), status (LINK_UP),
+        max_virtqueue_pairs, mtu; the rest zero."""
+        cfg = bytes(6) + (1).to_bytes(2, "little") + self.queues.to_bytes(2, "little") \
+            + (self.port_mtu(port) or DEFAULT_MTU).to_bytes(2, "little")
+        if offset < 0 or size < 0 or offset + size > 256:
+            return None
+        return (cfg + bytes(256))[offset : offset + size]
 
     def port_counters(self, port: int) -> dict[str, int]:
         """rx = frames delivered to the driver, tx = frames taken from it, drops = frames lost toward it."""
@@ -385,5 +447,6 @@ class NetDevice(Device):
             "rx_dropped": int(sum(c[r, C_DROPS] for r in rx_rows)),
             "tx_packets": int(sum(c[r, C_PACKETS] for r in tx_rows)),
             "tx_bytes": int(sum(c[r, C_BYTES] for r in tx_rows)),
+            "tx_dropped": int(sum(c[r, C_DROPS] for r in tx_rows)),  # longer than the MTU
             "errors": int(sum(c[r, C_ERRORS] for r in rows)),
         }

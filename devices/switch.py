@@ -38,6 +38,7 @@ from devices.net import (
     _ready,
     begin_batch,
     new_scratch,
+    too_long,
 )
 from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
@@ -219,6 +220,9 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
             st[S_RUNTS] += 1
             continue
         flen = total - hl
+        if too_long(qs, src, s_hva, s_len, ns, hl, flen):
+            counters[src, C_DROPS] += 1  # longer than the port's MTU
+            continue
         counters[src, C_PACKETS] += 1
         counters[src, C_BYTES] += flen
         if capturing:
@@ -295,12 +299,13 @@ class SwitchDevice(NetDevice):
     kind = "switch"
 
     def __init__(self, nports: int, queues: int = 1, burst: int = 32, age: float = 300.0, table_size: int = 4096,
-                 idle_rounds: int = 20000, cpus: list[int] | None = None):
+                 idle_rounds: int = 20000, cpus: list[int] | None = None, mtu: int = 0):
         if nports < 1:
             raise ValueError("a switch needs at least one port")
         if table_size < PROBE or table_size & (table_size - 1):
             raise ValueError(f"the MAC table size must be a power of two >= {PROBE}")
         Device.__init__(self, nports, 2 * queues)
+        self._init_mtu(mtu)
         self.mode = "switch"
         self.queues = queues
         self.burst = burst
@@ -370,6 +375,7 @@ class SwitchDevice(NetDevice):
 
     def disconnected(self, port: int) -> None:
         self.flush(port)  # link down: frames for its MACs flood again instead of dying at an empty port
+        super().disconnected(port)
 
     def sample_extra(self) -> dict:
         return {"mac_table": self.mac_table(), "switch": self.switch_stats()}
@@ -391,7 +397,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
     dev = SwitchDevice(len(args.socket), queues=args.queues, burst=args.burst, age=args.age,
                        table_size=args.table_size, idle_rounds=idle_rounds(args),
-                       cpus=parse_cpus(args.cpus) if args.cpus else None)
+                       cpus=parse_cpus(args.cpus) if args.cpus else None, mtu=args.mtu)
     return serve_backend(dev, args, f"vring switch: age={args.age:g}s table={args.table_size}", {"mode": "switch"})
 
 

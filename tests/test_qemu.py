@@ -29,13 +29,13 @@ GUEST_CPUS = None  # not pinned (see above)
 PING_RX = r"^ping (ok|fail) tx=(\d+) rx=(\d+) loss=(\S+)%"
 
 
-def _guests(peers, sockdir, a, b, count, interval, server=False):
+def _guests(peers, sockdir, a, b, count, interval, server=False, props="", ping_params=None):
     """Guest 2 (pinged, stays up) on socket b, guest 1 (pings guest 2) on socket a."""
-    g2 = peers.add(QemuGuest([VhostUserNet(b, mac=MAC2, server=server)], name="g2", workdir=sockdir,
+    g2 = peers.add(QemuGuest([VhostUserNet(b, mac=MAC2, server=server, props=props)], name="g2", workdir=sockdir,
                              params={"ip": f"{IP2}/24", "wait": 300}, cpus=GUEST_CPUS))
-    g1 = peers.add(QemuGuest([VhostUserNet(a, mac=MAC1, server=server)], name="g1", workdir=sockdir,
+    g1 = peers.add(QemuGuest([VhostUserNet(a, mac=MAC1, server=server, props=props)], name="g1", workdir=sockdir,
                              params={"ip": f"{IP1}/24", "ping": IP2, "count": count,
-                                     "interval": interval, "ping_wait": 40},
+                                     "interval": interval, "ping_wait": 40, **(ping_params or {})},
                              cpus=GUEST_CPUS))
     return g1, g2
 
@@ -135,3 +135,24 @@ def test_qemu_server_vring_client(sockdir, peers, vring_proc):
     wait_for_socket(b, 30, proc=g2)
     v = vring_proc(*VRING_OPTS, "net", "--client", "--socket", a, "--socket", b, cpus=VRING_CPU)
     _ping_and_check(v, g1, g2, count, t0)
+
+
+def test_host_mtu_9000_jumbo_ping(sockdir, peers, vring_proc):
+    """QEMU's host_mtu=9000 offers the guests MTU 9000 (vring offers NET_MTU) and sends NET_SET_MTU;
+    8000-byte pings cross vring's xconnect, none lost."""
+    require_peer("qemu")
+    count = 5
+    t0 = time.monotonic()
+    a, b = os.path.join(sockdir, "a.sock"), os.path.join(sockdir, "b.sock")
+    v = vring_proc(*VRING_OPTS, "net", "--socket", a, "--socket", b, cpus=VRING_CPU)
+    v.wait_log("port=1 listening", 60)
+    g1, g2 = _guests(peers, sockdir, a, b, count, 0.2, props="host_mtu=9000", ping_params={"psize": 8000})
+    for g in (g1, g2):
+        g.wait_result(r"^net (up|fail)", 120)
+    mtus = [g.wait_result(r"^net up \S+ \S+ mtu (\d+)", 0).group(1) for g in (g1, g2)]
+    c = _ping_and_check(v, g1, g2, count, t0)
+    assert mtus == ["9000", "9000"], mtus  # the guests took the MTU from the config space
+    log = v.log_text()
+    assert "port0: MTU 9000" in log and "port1: MTU 9000" in log, log[-3000:]
+    assert c[0]["tx_bytes"] >= count * 8000 and c[1]["tx_bytes"] >= count * 8000, c
+    assert c[0]["tx_dropped"] == c[1]["tx_dropped"] == 0, c

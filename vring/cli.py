@@ -41,13 +41,23 @@ def parse_features(text: str) -> int:
     return int(mask)
 
 
+def mtu_arg(text: str) -> int:
+    """--mtu: 68..65535 (what NET_SET_MTU accepts too)."""
+    from vring.protocol import MAX_MTU, MIN_MTU
+
+    n = int(text)
+    if not MIN_MTU <= n <= MAX_MTU:
+        raise argparse.ArgumentTypeError(f"must be {MIN_MTU}..{MAX_MTU}")
+    return n
+
+
 def cmd_net(args: argparse.Namespace) -> int:
     from devices.net import NetDevice
 
     mode = args.mode or ("xconnect" if len(args.socket) == 2 else "loopback")
     dev = NetDevice(len(args.socket), mode, queues=args.queues, frame_size=args.frame_size, burst=args.burst,
                     idle_rounds=idle_rounds(args), cpus=parse_cpus(args.cpus) if args.cpus else None,
-                    disable=parse_features(args.disable) if args.disable else 0)
+                    disable=parse_features(args.disable) if args.disable else 0, mtu=args.mtu)
     return serve_backend(dev, args, f"vring net: mode={mode}", {"mode": mode})
 
 
@@ -130,6 +140,10 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-rounds", type=int, default=20000,
                         help="adaptive (default): empty rounds before sleeping on the kick eventfds (default 20000)")
     parser.add_argument("--cpus", metavar="LIST", help="pin the data-plane thread to these CPUs, e.g. 1 or 0,2-3")
+    parser.add_argument("--mtu", type=mtu_arg, default=0, metavar="N",
+                        help="drop frames from a driver longer than N + 14 bytes (+4 with a VLAN tag) and report N "
+                             "in the config space; a front-end's NET_SET_MTU (QEMU host_mtu=) overrides it for its "
+                             "port (default: no limit)")
     parser.add_argument("--pcap", metavar="FILE",
                         help="capture each port's frames (both directions) to a pcap file; {port} in FILE is the "
                              "port number (required with several ports)")
@@ -240,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand: each has ``register(subparsers)`` adding a parser whose
 # defaults set ``func(args) -> int``.
-COMMAND_MODULES: list[str] = ["vring.stats", "devices.vsock", "devices.switch"]
+COMMAND_MODULES: list[str] = ["vring.stats", "devices.vsock", "devices.switch", "vring.run"]
 
 
 def main(argv: list[str] | None = None) -> int:

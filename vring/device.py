@@ -53,6 +53,10 @@ class Device:
     def get_config(self, port: int, offset: int, size: int) -> bytes | None:
         return None
 
+    def set_mtu(self, port: int, mtu: int) -> bool:
+        """NET_SET_MTU (an MTU already range-checked): False if the device has no MTU."""
+        return False
+
     def disconnected(self, port: int) -> None:
         """A front-end left ``port`` (its rings are already stopped and its memory unmapped)."""
 

@@ -81,6 +81,7 @@ QSTATE = np.dtype(
         # in-flight tracking (vring.inflight): host address of this queue's region, 0 = not tracked
         ("inflight", "<u8"),
         ("inflight_counter", "<u8"),
+        ("max_frame", "<u4"),  # virtio-net TX: longest frame accepted (MTU + 14), 0: no limit
     ],
     align=True,
 )

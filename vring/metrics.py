@@ -20,7 +20,8 @@ import threading
 COUNTERS = {
     "packets": ("vring_packets", "Frames moved through the vring"),
     "bytes": ("vring_bytes", "Frame bytes (without the virtio-net header) moved through the vring"),
-    "drops": ("vring_drops", "Frames dropped toward the vring (no room, no front-end, not ready)"),
+    "drops": ("vring_drops", "Frames dropped toward an RX vring (no room, no front-end, not ready) or taken from a TX "
+              "vring and dropped (longer than the MTU)"),
     "calls": ("vring_notifications", "Notifications (call eventfd writes) sent to the driver"),
     "errors": ("vring_errors", "Malformed chains and ring errors"),
     "batches": ("vring_batches", "Data-plane batches that used the vring"),
@@ -90,14 +91,14 @@ class VringCollector:
 class MetricsServer:
     """The HTTP endpoint (prometheus_client's WSGI server in a daemon thread) with its own registry."""
 
-    def __init__(self, dev, server=None, addr: str = "127.0.0.1:9100"):
+    def __init__(self, dev, server=None, addr: str = "127.0.0.1:9100", name: str = "net"):
         try:
             from prometheus_client import CollectorRegistry, start_http_server
         except ImportError as e:  # pragma: no cover
             raise SystemExit("--metrics needs prometheus-client (pip install 'vring[metrics]')") from e
         self.host, self.port = parse_addr(addr)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(VringCollector(dev, server))
+        self.registry.register(VringCollector(dev, server, name))
         res = start_http_server(self.port, addr=self.host, registry=self.registry)
         self._httpd, self._thread = res if isinstance(res, tuple) else (None, None)
         if self._httpd is not None:
@@ -116,8 +117,8 @@ class MetricsServer:
                 self._thread.join(5)
 
 
-def serve(dev, server=None, addr: str = "127.0.0.1:9100") -> MetricsServer:
-    return MetricsServer(dev, server, addr)
+def serve(dev, server=None, addr: str = "127.0.0.1:9100", name: str = "net") -> MetricsServer:
+    return MetricsServer(dev, server, addr, name)
 
 
 def generate(dev, server=None) -> bytes:

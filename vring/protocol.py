@@ -21,6 +21,7 @@ MAX_PAYLOAD = 4096  # larger than any payload vring accepts; bigger means a brok
 VRING_NOFD = 1 << 8  # SET_VRING_KICK/CALL/ERR: no fd (polling)
 VRING_IDX_MASK = 0xFF
 MAX_MEM_REGIONS = 8  # SET_MEM_TABLE carries at most 8 regions
+MIN_MTU, MAX_MTU = 68, 65535  # NET_SET_MTU: IPv4's minimum; virtio_net_config.mtu is a u16
 
 
 class Req(enum.IntEnum):

@@ -58,10 +58,12 @@ class Endpoint:
 class Server:
     """Serve a device's ports until ``stop()`` (or a signal handler sets ``stopping``)."""
 
-    def __init__(self, device: Device, paths: list[str], client: bool = False):
+    def __init__(self, device: Device, paths: list[str], client: bool = False, name: str = ""):
         if len(paths) != device.nports:
             raise ValueError("one socket path per port")
         self.dev = device
+        self.name = name  # the device's name in logs when one process serves several (vring run)
+        self.tag = f"dev={name} " if name else ""
         self.client = client
         self.endpoints = [Endpoint(i, p, client) for i, p in enumerate(paths)]
         self.sel = selectors.DefaultSelector()
@@ -80,14 +82,14 @@ class Server:
                 s.setblocking(False)
                 ep.listener = s
                 self.sel.register(s, selectors.EVENT_READ, ("listen", ep))
-                log.info("port=%d listening on %s", ep.port, ep.path)
+                log.info("%sport=%d listening on %s", self.tag, ep.port, ep.path)
 
     def _attach(self, ep: Endpoint, conn: socket.socket) -> None:
         conn.setblocking(True)
-        ep.session = Session(self.dev, ep.port, conn, name=f"port{ep.port}")
+        ep.session = Session(self.dev, ep.port, conn, name=f"{self.name}.port{ep.port}" if self.name else "")
         self.sel.register(conn, selectors.EVENT_READ, ("session", ep))
         self.connections += 1
-        log.info("port=%d front-end connected (%s)", ep.port, ep.path)
+        log.info("%sport=%d front-end connected (%s)", self.tag, ep.port, ep.path)
 
     def _detach(self, ep: Endpoint) -> None:
         s = ep.session
@@ -99,7 +101,7 @@ class Server:
         if not self.closing:
             self.dev.disconnected(ep.port)
         ep.next_try = time.monotonic() + RETRY_S
-        log.info("port=%d front-end disconnected; counters %s", ep.port, self.port_summary(ep.port))
+        log.info("%sport=%d front-end disconnected; counters %s", self.tag, ep.port, self.port_summary(ep.port))
 
     def port_summary(self, port: int) -> dict:
         f = getattr(self.dev, "port_counters", None)
@@ -115,7 +117,7 @@ class Server:
             s.close()
             ep.next_try = time.monotonic() + RETRY_S
             if not ep.waiting_logged:
-                log.info("port=%d waiting for %s (%s)", ep.port, ep.path, e.strerror)
+                log.info("%sport=%d waiting for %s (%s)", self.tag, ep.port, ep.path, e.strerror)
                 ep.waiting_logged = True
             return
         ep.waiting_logged = False
@@ -128,8 +130,8 @@ class Server:
             if code and self._reported.get(row) != code:
                 port, index = divmod(row, self.dev.nvq)
                 reason = BROKEN_REASONS.get(code, "unknown")
-                log.error("port=%d vring=%d broken: %s (code %d); other queues keep running", port, index, reason,
-                          code)
+                log.error("%sport=%d vring=%d broken: %s (code %d); other queues keep running", self.tag, port, index,
+                          reason, code)
             self._reported[row] = code
 
     def poll_once(self, timeout: float = TICK_S) -> None:
@@ -144,11 +146,15 @@ class Server:
                 except OSError:
                     continue
                 if ep.session is not None:
-                    log.warning("port=%d already has a front-end; refusing another connection", ep.port)
+                    log.warning("%sport=%d already has a front-end; refusing another connection", self.tag, ep.port)
                     conn.close()
                     continue
                 self._attach(ep, conn)
             elif ep.session is not None and not ep.session.handle():
+                self._detach(ep)
+        for ep in self.endpoints:
+            if ep.session is not None and ep.session.stalled():
+                log.warning("%sport=%d front-end stopped mid-message; closing the connection", self.tag, ep.port)
                 self._detach(ep)
         self._check_broken()
 

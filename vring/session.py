@@ -35,7 +35,7 @@ from vring.split import BROKEN_RING_ADDRESS, BROKEN_RING_BASE
 
 log = logging.getLogger(__name__)
 
-MSG_TIMEOUT_S = 5.0  # a front-end that stops mid-message is dropped, not waited on forever
+MSG_TIMEOUT_S = 5.0  # a front-end that stops mid-message (or stops reading replies) is dropped
 
 
 class Failed(Exception):
@@ -73,7 +73,13 @@ class Session:
         self.port = port
         self.sock = sock
         self.name = name or f"port{port}"
-        self.sock.settimeout(MSG_TIMEOUT_S)
+        # Reads never block: a message arriving in pieces is buffered (with its fds) until complete,
+        # so a front-end that stops mid-message holds no other port; stalled() reports it.
+        self.sock.setblocking(False)
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self._size = 0
+        self._deadline = 0.0
         self.mem = device.memory[port]
         self.features = 0
         self.features_set = False
@@ -87,52 +93,63 @@ class Session:
         self.inflight: inflight.Area | None = None  # GET/SET_INFLIGHT_FD
 
     # ---- I/O ----
-    def _recv_exact(self, n: int) -> bytes:
-        # one deadline for the whole piece: a front-end dripping a byte now and then can't hold
-        # the control plane (every port's) for longer than MSG_TIMEOUT_S
-        deadline = time.monotonic() + MSG_TIMEOUT_S
-        buf = bytearray()
-        try:
-            while len(buf) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("front-end stopped mid-message")
-                self.sock.settimeout(left)
-                chunk = self.sock.recv(n - len(buf))
-                if not chunk:
-                    raise ProtocolError("connection closed mid-message", fatal=True)
-                buf += chunk
-        finally:
-            self.sock.settimeout(MSG_TIMEOUT_S)
-        return bytes(buf)
-
     def _send(self, request: int, payload: bytes | np.ndarray, fds: list[int] | None = None) -> None:
+        # replies are small; a front-end that leaves them unread until its socket buffer is full
+        # is dropped after MSG_TIMEOUT_S instead of holding the control plane
         msg = P.encode(request, payload, reply=True)
-        if fds:
-            n = socket.send_fds(self.sock, [msg], fds)
-            self.sock.sendall(msg[n:])  # the rest, if the first sendmsg was short (fds went with byte 0)
-        else:
-            self.sock.sendall(msg)
+        self.sock.settimeout(MSG_TIMEOUT_S)
+        try:
+            if fds:
+                n = socket.send_fds(self.sock, [msg], fds)
+                self.sock.sendall(msg[n:])  # the rest, if the first sendmsg was short (fds went with byte 0)
+            else:
+                self.sock.sendall(msg)
+        finally:
+            self.sock.setblocking(False)
+
+    def stalled(self) -> bool:
+        """A message has been incomplete for longer than MSG_TIMEOUT_S (the server then drops us)."""
+        return bool(self._buf) and time.monotonic() > self._deadline
+
+    def _drop_fds(self) -> None:
+        for fd in self._fds:
+            if fd >= 0:
+                os.close(fd)
+        self._fds = []
 
     def handle(self) -> bool:
-        """Read and handle one message. False when the connection is finished."""
-        fds: list[int] = []
+        """Read what the socket has (the selector said readable) and run the message once it is
+        complete; at most one message per call. False when the connection is finished."""
         try:
+            while True:
+                have = len(self._buf)
+                need = P.HEADER_SIZE - have if have < P.HEADER_SIZE else P.HEADER_SIZE + self._size - have
+                try:
+                    data, fds, flags, _ = socket.recv_fds(self.sock, need, P.MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+                except BlockingIOError:
+                    return True  # the rest of the message is not here yet
+                self._fds += fds  # a message's fds come with its first bytes
+                if flags & socket.MSG_CTRUNC:
+                    raise ProtocolError("more fds than a message may carry (truncated)", fatal=True)
+                if not data:
+                    if have:
+                        raise ProtocolError("connection closed mid-message", fatal=True)
+                    return False
+                if not have:
+                    self._deadline = time.monotonic() + MSG_TIMEOUT_S  # one deadline for the whole message
+                self._buf += data
+                if have < P.HEADER_SIZE <= len(self._buf):
+                    request, mflags, self._size = P.decode_header(bytes(self._buf[: P.HEADER_SIZE]))
+                    P.check_header(request, mflags, self._size)
+                if len(self._buf) == P.HEADER_SIZE + self._size:
+                    break
+            request, mflags, size = P.decode_header(bytes(self._buf[: P.HEADER_SIZE]))
+            payload = bytes(self._buf[P.HEADER_SIZE :])
+            self._buf.clear()
             try:
-                head, fds, flags, _ = socket.recv_fds(self.sock, P.HEADER_SIZE, P.MAX_FDS, socket.MSG_CMSG_CLOEXEC)
-            except (ConnectionError, TimeoutError, OSError) as e:
-                log.info("%s: connection error: %s", self.name, e)
-                return False
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("more fds than a message may carry (truncated)", fatal=True)
-            if not head:
-                return False
-            if len(head) < P.HEADER_SIZE:
-                head += self._recv_exact(P.HEADER_SIZE - len(head))
-            request, mflags, size = P.decode_header(head)
-            P.check_header(request, mflags, size)
-            payload = self._recv_exact(size) if size else b""
-            self._dispatch(request, mflags, payload, fds)
+                self._dispatch(request, mflags, payload, self._fds)  # handlers take the fds they keep
+            finally:
+                self._drop_fds()
             return True
         except ProtocolError as e:
             log.warning("%s: %s%s", self.name, e, " (closing connection)" if e.fatal else "")
@@ -140,10 +157,6 @@ class Session:
         except (ConnectionError, TimeoutError, OSError) as e:
             log.info("%s: connection error: %s", self.name, e)
             return False
-        finally:
-            for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
 
     def _dispatch(self, request: int, mflags: int, payload: bytes, fds: list[int]) -> None:
         need_ack = bool(mflags & P.FLAG_NEED_REPLY) and bool(self.protocol_features & PF.REPLY_ACK)
@@ -519,6 +532,16 @@ class Session:
         if old is not None:
             old.close()
 
+    def _net_set_mtu(self, payload, fds):
+        if not self.protocol_features & PF.NET_MTU:
+            raise Failed("NET_SET_MTU without the NET_MTU protocol feature")
+        mtu = int(P.parse(P.U64, payload)["u64"])
+        if not P.MIN_MTU <= mtu <= P.MAX_MTU:
+            raise Failed(f"MTU {mtu} out of range ({P.MIN_MTU}..{P.MAX_MTU})")
+        if not self.dev.set_mtu(self.port, mtu):
+            raise Failed(f"a {self.dev.kind} device has no MTU")
+        log.info("%s: MTU %d", self.name, mtu)
+
     def _get_config(self, payload, fds):
         h = np.frombuffer(payload, P.CONFIG_HEAD, 1)[0]
         data = self.dev.get_config(self.port, int(h["offset"]), int(h["size"]))
@@ -551,6 +574,7 @@ class Session:
         with self.dev.paused():
             self.reset()
             self.mem.clear()
+        self._drop_fds()  # of a message that never completed
         self.sock.close()
 
 
