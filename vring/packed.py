@@ -207,16 +207,18 @@ def need_call(qs, q):
     fence_seq_cst()  # our used flags before the driver's event structure
     area = qs[q]["avail"]  # the driver event suppression area
     flags = load_u16_acquire(area + np.uint64(2)) & 3
-    if flags == RING_EVENT_FLAGS_DISABLE:
-        return False
-    if flags != RING_EVENT_FLAGS_DESC or not qs[q]["event_idx"]:
-        return True
+    if not qs[q]["event_idx"]:
+        return flags != RING_EVENT_FLAGS_DISABLE
     size = np.int64(qs[q]["size"])
     new = np.int64(qs[q]["used_idx"])
     old = np.int64(qs[q]["signalled_used"])
     valid = qs[q]["signalled_valid"]
+    # recorded whatever the flags (as DPDK and QEMU do): a position left over from before a
+    # DISABLE/ENABLE spell would make the window below wrong and miss the driver's event
     qs[q]["signalled_used"] = new
     qs[q]["signalled_valid"] = 1
+    if flags != RING_EVENT_FLAGS_DESC:
+        return flags != RING_EVENT_FLAGS_DISABLE
     if not valid:
         return True
     off_wrap = np.int64(load_u16_acquire(area))
