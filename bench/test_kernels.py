@@ -206,12 +206,17 @@ def _tx_post(qs, drv, n, ln):
 
 
 @njit(nogil=True, cache=True)
-def _rx_post(qs, drv, n):
-    """Give RX buffers back: split, every buffer ahead of the device (one store); packed, the ``n`` it used."""
+def _rx_post(qs, drv):
+    """Give every RX buffer the device used back: split, one store of avail.idx a ring ahead of the
+    device; packed, the descriptors from the device's used position up to a ring ahead."""
+    size = np.int64(qs[RX]["size"])
     if qs[RX]["packed"]:
-        _packed_post(qs, RX, drv, n, BUF_SIZE, DESC_F_WRITE)
+        # positions as counts modulo two laps (wrap counter 1 = even lap)
+        used = np.int64(qs[RX]["used_idx"]) + size * (1 - np.int64(qs[RX]["used_wrap"]))
+        posted = drv[RX, 0] + size * (1 - drv[RX, 1])
+        _packed_post(qs, RX, drv, size - (posted - used) % (2 * size), BUF_SIZE, DESC_F_WRITE)
     else:
-        _driver_post(qs, RX, np.int64(qs[RX]["size"]))
+        _driver_post(qs, RX, size)
 
 
 @njit(nogil=True, cache=True)
@@ -323,8 +328,8 @@ def deliver_rounds(qs, drv, regions, rounds, batch, src_base, qsize, flen):
     s_len[0] = hl + flen
     k = 0
     out = 0
-    for r in range(rounds):
-        _rx_post(qs, drv, batch if r > 0 else 0)  # every RX buffer the device gave back is posted again
+    for _ in range(rounds):
+        _rx_post(qs, drv)  # every RX buffer the device gave back is posted again
         begin(qs, RX)
         for _i in range(batch):
             s_hva[0] = src_base + np.uint64(k & (qsize - 1)) * np.uint64(2048)
@@ -346,10 +351,9 @@ def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len):
     sc = new_scratch()
     cap = no_capture()
     out = 0
-    done = 0
     for _ in range(rounds):
         _tx_post(qs, drv, batch, tx_len)
-        _rx_post(qs, drv, done)
+        _rx_post(qs, drv)
         done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, cap)
         if done != batch:
             return -1
