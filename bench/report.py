@@ -1,6 +1,10 @@
 """Turn pytest-benchmark JSON from bench/test_kernels.py into ns/packet: JSON, a table and a plot.
 
-    /tmp/venv/bin/python bench/report.py bench/results/kernels.raw.json [--out bench/results]
+    /tmp/venv/bin/python bench/report.py bench/results/kernels.raw.json [more runs ...] [--out bench/results]
+
+Several JSON files (repeated runs) are merged: per kernel, ring, batch and size the median is
+the median of the runs' medians, min/max the extremes over all runs, and ``run_medians`` lists
+each run's median (the spread between runs on a shared machine is larger than within one).
 
 Writes OUT/kernels.json (ns/packet median/min/max per kernel, ring format, batch and frame size),
 OUT/kernels_ns_per_packet.png (split rings: ns/packet vs batch, log2 x axis, one line per kernel
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,7 +36,8 @@ def load(path: str) -> tuple[list[dict], dict]:
         pk = int(ei["packets"])
         per = {k: st[k] * 1e9 / pk for k in ("median", "min", "max", "mean")}
         rows.append({
-            "kernel": ei["kernel"], "ring": ei.get("ring", "split"), "batch": int(ei["batch"]), "size": int(ei["size"]), "packets": pk,
+            "kernel": ei["kernel"], "ring": ei.get("ring", "split"), "batch": int(ei["batch"]),
+            "size": int(ei["size"]), "packets": pk,
             "rounds": int(st.get("rounds", 0)), "ns_per_packet": {k: round(v, 3) for k, v in per.items()},
             "mpps_median": round(1e3 / per["median"], 2) if per["median"] > 0 else None,
             "name": b.get("name"),
@@ -43,6 +49,29 @@ def load(path: str) -> tuple[list[dict], dict]:
     meta["machine"] = {k: mi.get(k) for k in ("node", "processor", "python_version", "release")}
     meta["cpu"] = (mi.get("cpu") or {}).get("brand_raw")
     return rows, meta
+
+
+def merge(runs: list[list[dict]]) -> list[dict]:
+    """One row per kernel/ring/batch/size over several runs (see the module docstring)."""
+    by_key: dict[tuple, list[dict]] = {}
+    for rows in runs:
+        for r in rows:
+            by_key.setdefault((r["kernel"], r["ring"], r["batch"], r["size"]), []).append(r)
+    out = []
+    for rs in by_key.values():
+        meds = sorted(r["ns_per_packet"]["median"] for r in rs)
+        med = statistics.median(meds)
+        row = dict(rs[0])
+        row["ns_per_packet"] = {"median": round(med, 3), "min": min(r["ns_per_packet"]["min"] for r in rs),
+                                "max": max(r["ns_per_packet"]["max"] for r in rs),
+                                "mean": round(statistics.mean(r["ns_per_packet"]["mean"] for r in rs), 3)}
+        row["run_medians"] = meds
+        row["rounds"] = sum(r["rounds"] for r in rs)
+        row["mpps_median"] = round(1e3 / med, 2) if med > 0 else None
+        out.append(row)
+    order = {k: i for i, k in enumerate(KERNEL_ORDER)}
+    out.sort(key=lambda r: (r["ring"] != "split", order.get(r["kernel"], 99), r["size"], r["batch"]))
+    return out
 
 
 def table(rows: list[dict], size: int) -> str:
@@ -90,7 +119,7 @@ def plot_compare(rows: list[dict], path: str) -> None:
     sizes = sorted({r["size"] for r in rows})
     fig, axes = plt.subplots(1, len(kernels), figsize=(4 * len(kernels), 4.5), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ax, k in zip(axes[0], kernels):
+    for ax, k in zip(axes[0], kernels, strict=True):
         for si, s in enumerate(sizes):
             for ring, style in (("split", "-"), ("packed", "--")):
                 pts = sorted((r["batch"], r["ns_per_packet"]) for r in rows
@@ -153,17 +182,19 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("raw", help="pytest-benchmark JSON (--benchmark-json=...)")
+    ap.add_argument("raw", nargs="+", help="pytest-benchmark JSON (--benchmark-json=...), one per run")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory (default bench/results)")
     args = ap.parse_args(argv)
-    rows, meta = load(args.raw)
+    loaded = [load(p) for p in args.raw]
+    rows, meta = merge([r for r, _ in loaded]), loaded[0][1]
+    meta["runs"] = [m.get("datetime") for _, m in loaded]
     if not rows:
         print(f"no kernel benchmarks with extra_info in {args.raw}", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "kernels.json")
     with open(out_json, "w") as f:
-        json.dump({"source": os.path.abspath(args.raw), **meta, "unit": "ns/packet", "results": rows}, f, indent=1)
+        json.dump({"source": [os.path.abspath(p) for p in args.raw], **meta, "unit": "ns/packet", "results": rows}, f, indent=1)
     out_png = os.path.join(args.out, "kernels_ns_per_packet.png")
     plot(rows, out_png)
     cmp_png = os.path.join(args.out, "kernels_packed_vs_split.png")

@@ -29,6 +29,7 @@ from test_split import (
     ACTIVE,
     BIG,
     BIG_WRITABLE,
+    BUFFERS,
     COMMON,
     GHOST,
     GUARD,
@@ -55,6 +56,7 @@ from test_split import (
     reset_memory,
     table_place,
 )
+
 from vring import packed as P
 from vring.layout import (
     EVENT_SUPPRESS,
@@ -245,7 +247,7 @@ def kernel_pop(qs, writable, cap, n0):
     if n < 0:
         return -n
     assert n0 <= n <= cap
-    pieces = list(zip(seg_hva[n0:n].tolist(), seg_len[n0:n].tolist()))
+    pieces = list(zip(seg_hva[n0:n].tolist(), seg_len[n0:n].tolist(), strict=True))
     assert sum(ln for _, ln in pieces) == total
     for hva, ln in pieces:
         assert ln > 0 and any(r.hva <= hva and hva + ln <= r.hva + r.size for r in ACTIVE), "piece outside memory"
@@ -398,7 +400,7 @@ def test_batch_publish_order_and_wrap():
     got = [kernel_pop(qs, 0, 8, 0) for _ in range(3)]
     assert [g[2:4] for g in got] == [(10, 1), (30, 2), (31, 1)]  # ids of each chain's last descriptor
     assert kernel_pop(qs, 0, 8, 0) == EMPTY
-    for g, ln in zip(got, (100, 200, 300)):
+    for g, ln in zip(got, (100, 200, 300), strict=True):
         P.put_used(qs, 0, g[2], ln, g[3])
     descs = [read_desc(MAIN_HVA, i) for i in range(4)]
     assert [(d[1], d[2]) for d in descs] == [(3, 30), (300, 31), (100, 10), (200, 30)]
@@ -426,28 +428,39 @@ def test_publish_without_used_elements_commits_pops_only():
 # 2. Hypothesis: random and hostile rings, whole batches, kernel == model, memory untouched
 # ---------------------------------------------------------------------------------------------
 @st.composite
+def packed_desc(draw, tsize, targets, writable, tame):
+    """(addr, len, id, flags): the split tests' hostile descriptor (its next becomes the buffer id),
+    or, in a ``tame`` ring, mostly a well-formed one, so that chains and batches get long."""
+    if tame and draw(st.integers(0, 4)):
+        w = W if writable else 0
+        gpa, ln = draw(BUFFERS[2])
+        return gpa, ln, draw(st.integers(0, 0xFFFF)), draw(st.sampled_from([w, w, w | N]))
+    a, ln, fl, nx = draw(descriptor(tsize, targets, writable))
+    return a, ln, nx, fl
+
+
+@st.composite
 def packed_scenario(draw):
     size = draw(st.integers(1, 16))
     la, aw = draw(st.integers(0, size - 1)), draw(st.integers(0, 1))
     ui, uw = draw(st.integers(0, size - 1)), draw(st.integers(0, 1))
+    tame = draw(st.booleans())
     tables = []
     for _ in range(draw(st.integers(0, 3))):
         k = draw(st.integers(1, 8))
         tables.append((draw(table_place(k)), k))
     targets = [*tables, (MAIN_GPA, size)]
     writable = draw(st.integers(0, 1))
-    # split-shaped descriptors (addr, len, flags, next): next becomes the packed buffer id
-    contents = [[(a, ln, nx, fl) for a, ln, fl, nx in (draw(descriptor(k, targets, writable)) for _ in range(k))]
-                for _, k in tables]
+    contents = [[draw(packed_desc(k, targets, writable, tame)) for _ in range(k)] for _, k in tables]
     main = []
     for p in range(size):
-        a, ln, fl, nx = draw(descriptor(size, targets, writable))
+        a, ln, bid, fl = draw(packed_desc(size, targets, writable, tame))
         lap = aw if p >= la else aw ^ 1  # the driver's wrap counter at position p
-        how = draw(st.sampled_from(["avail", "avail", "avail", "used", "stale", "raw"]))
+        how = draw(st.sampled_from(["avail"] * (16 if tame else 4) + ["used", "stale", "raw"]))
         bits = {"avail": avail_bits(lap), "used": used_bits(lap), "stale": avail_bits(lap ^ 1)}.get(how)
-        main.append((a, ln, nx, fl if bits is None else (fl & ~(AV | US)) | bits))
+        main.append((a, ln, bid, fl if bits is None else (fl & ~(AV | US)) | bits))
     lengths = draw(st.lists(st.integers(0, 0xFFFF_FFFF), min_size=1, max_size=3))
-    batches = draw(st.lists(st.tuples(st.integers(0, size + 1), st.just(lengths)), min_size=1, max_size=3))
+    batches = draw(st.lists(st.tuples(st.integers(1, size + 1), st.just(lengths)), min_size=1, max_size=3))
     cap = draw(st.integers(1, 10) | st.just(MAX_SEGS))
     n0 = draw(st.integers(0, min(cap, 3)))
     return (la, aw, ui, uw), tables, contents, main, batches, writable, cap, n0
@@ -456,7 +469,7 @@ def packed_scenario(draw):
 def check_packed_scenario(sc):
     state, tables, contents, main, batches, writable, cap, n0 = sc
     reset_memory()
-    for (gpa, _), descs in zip(tables, contents):
+    for (gpa, _), descs in zip(tables, contents, strict=True):
         gwrite(gpa, ppack(descs))
     gwrite(MAIN_GPA, ppack(main))
     seen = run_batches(len(main), state, batches, writable, cap, n0)
