@@ -412,6 +412,28 @@ def test_batch_publish_order_and_wrap():
     assert (q["last_avail_idx"], q["avail_wrap"], q["used_idx"], q["used_wrap"]) == (2, 0, 2, 0)
 
 
+@pytest.mark.parametrize(
+    ("size", "la", "aw", "navail", "expected"),
+    [(100, 0, 1, 100, P.SCAN), (100, 90, 1, 100, P.SCAN), (100, 90, 0, 12, 12), (64, 10, 1, 64, 64),
+     (5, 3, 0, 5, 5), (5, 3, 1, 2, 2), (1, 0, 1, 1, 1), (1, 0, 0, 0, 0), (100, 50, 0, 0, 0)],
+)
+def test_begin_counts_available_descriptors(size, la, aw, navail, expected):
+    """begin's prefetch hint: descriptors available from the next one on, across the ring's end
+    (the wrap counter flips there), never more than SCAN or one lap."""
+    reset_memory()
+    main = [(R0.gpa, 1, 0, 0)] * size
+    for i in range(navail):
+        p = (la + i) % size
+        main[p] = (R0.gpa, 1, 0, avail_bits(aw if p >= la else aw ^ 1))
+    gwrite(MAIN_GPA, ppack(main))
+    qs = packed_qs(size, la=la, aw=aw, ui=(la + 1) % size, uw=aw)
+    qs[0]["t_idx"], qs[0]["u_count"] = 7, 3  # left over from a batch: begin starts afresh
+    assert P.begin(qs, 0) == expected
+    q = qs[0]
+    assert (q["t_idx"], q["t_wrap"], q["t_count"]) == (la, aw, 0)
+    assert (q["u_idx"], q["u_wrap"], q["u_count"]) == ((la + 1) % size, aw, 0)
+
+
 def test_publish_without_used_elements_commits_pops_only():
     reset_memory()
     gwrite(MAIN_GPA, ppack([(R0.gpa, 1, 0, A1), (R0.gpa, 1, 1, A1)]))
