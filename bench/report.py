@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "kernels.json")
     with open(out_json, "w") as f:
-        json.dump({"source": [os.path.abspath(p) for p in args.raw], **meta, "unit": "ns/packet", "results": rows}, f, indent=1)
+        sources = [os.path.abspath(p) for p in args.raw]
+        json.dump({"source": sources, **meta, "unit": "ns/packet", "results": rows}, f, indent=1)
     out_png = os.path.join(args.out, "kernels_ns_per_packet.png")
     plot(rows, out_png)
     cmp_png = os.path.join(args.out, "kernels_packed_vs_split.png")

@@ -25,7 +25,7 @@ per packet than split's single avail.idx store, and it runs in the timed loop li
 Run:
 
     /tmp/venv/bin/python -m pytest bench/test_kernels.py --benchmark-json=bench/results/kernels.raw.json
-    /tmp/venv/bin/python bench/report.py bench/results/kernels.raw.json
+    /tmp/venv/bin/python bench/report.py bench/results/kernels.raw.json [more runs' JSON ...]
 
 Environment: BENCH_PACKETS (default 100000 per call), BENCH_ROUNDS (default 5 timed calls),
 BENCH_BATCHES / BENCH_SIZES (comma lists) to narrow the matrix.
@@ -40,10 +40,9 @@ from numba import njit
 
 from devices.capture import empty as no_capture
 from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, new_scratch
-from vring.ring import begin, publish
 from devices.net import test_frame as make_frame
-from vring.frontend import GPA_BASE, NET_HDR, Frontend
 from vring import packed as P
+from vring.frontend import GPA_BASE, NET_HDR, Frontend
 from vring.layout import (
     AVAIL_F_NO_INTERRUPT,
     C_CALLS,
@@ -60,6 +59,7 @@ from vring.layout import (
 )
 from vring.memory import MAX_REGIONS
 from vring.ordering import store_u16, store_u16_release, store_u32
+from vring.ring import begin, publish
 from vring.split import MAX_SEGS, avail_count, avail_head, call, publish_used, put_used, walk_chain
 
 QSIZE = 512  # room for the largest batch (256) with the ring never full
@@ -378,10 +378,7 @@ def last_rx(rig: Rig) -> tuple[int, int]:
     """(buffer id, length) of the last used element of the RX ring."""
     rx = rig.fe.rx()
     last = (int(rig.qs[RX]["used_idx"]) - 1) % QSIZE
-    if rig.packed:
-        e = np.frombuffer(rig.fe.mem, PACKED_DESC, QSIZE, rx.desc_off)[last]
-    else:
-        e = rx.used["ring"][last]
+    e = np.frombuffer(rig.fe.mem, PACKED_DESC, QSIZE, rx.desc_off)[last] if rig.packed else rx.used["ring"][last]
     return int(e["id"]), int(e["len"])
 
 
