@@ -174,6 +174,8 @@ def put_used(qs, q, buf_id, length, ndesc):
     store_u32(d + np.uint64(8), np.uint32(length))
     store_u16(d + np.uint64(12), np.uint16(buf_id))
     flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if wrap else 0
+    if length > 0:
+        flags |= DESC_F_WRITE  # §2.8.3: in a used descriptor WRITE says data was written (len counts)
     if qs[q]["u_count"] == 0:
         qs[q]["head_addr"] = d + np.uint64(14)
         qs[q]["head_flags"] = flags
