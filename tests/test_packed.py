@@ -89,8 +89,9 @@ def avail_bits(wrap: int) -> int:
     return AV if wrap else US
 
 
-def used_bits(wrap: int) -> int:
-    return AV | US if wrap else 0
+def used_bits(wrap: int, length: int = 0) -> int:
+    """Flags of a used descriptor: AVAIL == USED == wrap; WRITE when the device wrote data (spec "Write Flag")."""
+    return (AV | US if wrap else 0) | (W if length else 0)
 
 
 def ppack(descs) -> bytes:
@@ -112,8 +113,8 @@ def ref_pop(rows, size, idx, wrap, writable, room):
     pieces, total, ndesc = [], 0, 0
     while True:
         if ndesc >= size:
-            return BROKEN_CHAIN_LOOP  # §2.8.17: a chain is at most queue-size descriptors
-        addr, ln, bid, fl = read_desc(MAIN_HVA, idx)  # the id of the chain's last one counts (§2.8.6)
+            return BROKEN_CHAIN_LOOP  # a list is at most queue-size descriptors (Scatter-Gather Support)
+        addr, ln, bid, fl = read_desc(MAIN_HVA, idx)  # the id of the list's last one counts (Next Flag)
         ndesc += 1
         idx, wrap = (0, wrap ^ 1) if idx + 1 == size else (idx + 1, wrap)
         if fl & I:
@@ -124,7 +125,7 @@ def ref_pop(rows, size, idx, wrap, writable, room):
             table = ref_translate_one(rows, addr, ln)
             if table is None:
                 return BROKEN_ADDRESS
-            # §2.8.19: entries are used in order (their NEXT and id ignored); WRITE of the
+            # Indirect Flag: entries are used in order (their NEXT and id ignored); WRITE of the
             # descriptor pointing at the table is ignored, each entry's own WRITE counts
             entries = [read_desc(table, i) for i in range(ln // 16)]
         else:
@@ -189,12 +190,12 @@ class Model:
 
     def put_used(self, bid, length, ndesc):
         idx, wrap = self.u
-        self.store(16 * idx + 8, "<I", length)  # §2.8.4: len and id first
+        self.store(16 * idx + 8, "<I", length)  # len and id first
         self.store(16 * idx + 12, "<H", bid)
         if self.u_count == 0:
-            self.head = (16 * idx + 14, used_bits(wrap))  # §2.8.21: the batch's first flags go last
+            self.head = (16 * idx + 14, used_bits(wrap, length))  # the batch's first flags go last
         else:
-            self.store(16 * idx + 14, "<H", used_bits(wrap))
+            self.store(16 * idx + 14, "<H", used_bits(wrap, length))
         self.u_count += 1
         idx += ndesc
         self.u = (idx - self.size, wrap ^ 1) if idx >= self.size else (idx, wrap)
@@ -390,7 +391,8 @@ def test_batch_publish_order_and_wrap():
 
     Used elements land at 2, 3 and 1 (the position advances by each chain's descriptor count and
     wraps to lap 0): ids and lengths at once, later flags at once, the first element's flags only
-    at publish, so the driver never sees part of a batch (§2.8.21)."""
+    at publish, so the driver never sees part of a batch (as in "Multi-buffer requests"). WRITE
+    marks the elements with data written (len > 0)."""
     reset_memory()
     main = [(R0.gpa, 3, 30, US), (R0.gpa, 4, 31, US), (R0.gpa, 1, 10, A1), (R0.gpa, 2, 20, A1 | N)]
     gwrite(MAIN_GPA, ppack(main))
@@ -400,14 +402,14 @@ def test_batch_publish_order_and_wrap():
     got = [kernel_pop(qs, 0, 8, 0) for _ in range(3)]
     assert [g[2:4] for g in got] == [(10, 1), (30, 2), (31, 1)]  # ids of each chain's last descriptor
     assert kernel_pop(qs, 0, 8, 0) == EMPTY
-    for g, ln in zip(got, (100, 200, 300), strict=True):
+    for g, ln in zip(got, (100, 0, 300), strict=True):
         P.put_used(qs, 0, g[2], ln, g[3])
     descs = [read_desc(MAIN_HVA, i) for i in range(4)]
-    assert [(d[1], d[2]) for d in descs] == [(3, 30), (300, 31), (100, 10), (200, 30)]
-    assert flags() == [US, 0, A1, AV | US]  # the head (2) not yet used; 3 is (lap 1), 1 is (lap 0)
+    assert [(d[1], d[2]) for d in descs] == [(3, 30), (300, 31), (100, 10), (0, 30)]
+    assert flags() == [US, W, A1, AV | US]  # the head (2) not yet used; 3 is (lap 1), 1 is (lap 0)
     assert qs[0]["last_avail_idx"] == 2 and qs[0]["used_idx"] == 2  # nothing committed
     P.publish(qs, 0)
-    assert flags() == [US, 0, AV | US, AV | US]
+    assert flags() == [US, W, AV | US | W, AV | US]
     q = qs[0]
     assert (q["last_avail_idx"], q["avail_wrap"], q["used_idx"], q["used_wrap"]) == (2, 0, 2, 0)
 
@@ -507,7 +509,7 @@ def test_packed_batches_match_model(sc):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Notifications: driver event suppression (§2.8.10, §2.8.14) and device event suppression
+# 3. Notifications: driver event suppression (§2.8.10 and the structure format) and device event suppression
 # ---------------------------------------------------------------------------------------------
 class Events:
     """A packed queue's two event suppression areas in numpy memory (no descriptor table needed)."""
