@@ -174,6 +174,8 @@ def put_used(qs, q, buf_id, length, ndesc):
     store_u32(d + np.uint64(8), np.uint32(length))
     store_u16(d + np.uint64(12), np.uint16(buf_id))
     flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if wrap else 0
+    if length > 0:
+        flags |= DESC_F_WRITE  # §2.8.3: in a used descriptor WRITE says data was written (len counts)
     if qs[q]["u_count"] == 0:
         qs[q]["head_addr"] = d + np.uint64(14)
         qs[q]["head_flags"] = flags
@@ -207,16 +209,18 @@ def need_call(qs, q):
     fence_seq_cst()  # our used flags before the driver's event structure
     area = qs[q]["avail"]  # the driver event suppression area
     flags = load_u16_acquire(area + np.uint64(2)) & 3
-    if flags == RING_EVENT_FLAGS_DISABLE:
-        return False
-    if flags != RING_EVENT_FLAGS_DESC or not qs[q]["event_idx"]:
-        return True
+    if not qs[q]["event_idx"]:
+        return flags != RING_EVENT_FLAGS_DISABLE
     size = np.int64(qs[q]["size"])
     new = np.int64(qs[q]["used_idx"])
     old = np.int64(qs[q]["signalled_used"])
     valid = qs[q]["signalled_valid"]
+    # recorded whatever the flags (as DPDK and QEMU do): a position left over from before a
+    # DISABLE/ENABLE spell would make the window below wrong and miss the driver's event
     qs[q]["signalled_used"] = new
     qs[q]["signalled_valid"] = 1
+    if flags != RING_EVENT_FLAGS_DESC:
+        return flags != RING_EVENT_FLAGS_DISABLE
     if not valid:
         return True
     off_wrap = np.int64(load_u16_acquire(area))
