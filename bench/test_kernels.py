@@ -330,7 +330,7 @@ def deliver_rounds(qs, drv, regions, rounds, batch, src_base, qsize, flen):
     out = 0
     for _ in range(rounds):
         _rx_post(qs, drv)  # every RX buffer the device gave back is posted again
-        begin(qs, RX)
+        begin(qs, RX, batch)
         for _i in range(batch):
             s_hva[0] = src_base + np.uint64(k & (qsize - 1)) * np.uint64(2048)
             k += 1

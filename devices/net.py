@@ -184,7 +184,7 @@ def begin_batch(qs, counters, regions, q, burst, write):
     else a hint of the chains available, whose lines are being prefetched (for writing if ``write``)."""
     if not _ready(qs, q):
         return -1
-    n = begin(qs, q)
+    n = begin(qs, q, burst)
     if n < 0:
         _mark_broken(qs, counters, q, -n)
         return 0
@@ -201,7 +201,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
         return n
     dst_ok = mode == MODE_FORWARD and _ready(qs, dst)
     if dst_ok:
-        b = begin(qs, dst)
+        b = begin(qs, dst, burst)
         if b < 0:
             _mark_broken(qs, counters, dst, -b)
             dst_ok = False

@@ -170,7 +170,7 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, 
     """Deliver one frame into RX vring ``row``, beginning its batch if this is its first frame.
     Returns the new number of touched rows."""
     if not began[row]:
-        b = begin(qs, row)
+        b = begin(qs, row, 32)
         if b < 0:
             _mark_broken(qs, counters, row, -b)
             return nt

@@ -143,8 +143,15 @@ SCAN = 64  # descriptors begin() looks ahead: enough for a burst, so the batch's
 
 @kernel
 def begin(qs, q):
-    """Start a batch: how many descriptors from the next one on are available (up to SCAN), a hint
-    of the chains to prefetch (chains of several descriptors make it an over-estimate)."""
+    """begin_upto(qs, q, SCAN)."""
+    return begin_upto(qs, q, SCAN)
+
+
+@kernel
+def begin_upto(qs, q, limit):
+    """Start a batch: how many descriptors from the next one on are available (up to ``limit`` and
+    SCAN), a hint of the chains to prefetch (chains of several descriptors make it an over-estimate).
+    The limit is the caller's burst: counting further ahead costs a load per descriptor for nothing."""
     qs[q]["t_idx"] = qs[q]["last_avail_idx"]
     qs[q]["t_wrap"] = qs[q]["avail_wrap"]
     qs[q]["t_count"] = 0
@@ -155,7 +162,7 @@ def begin(qs, q):
     idx = np.int64(qs[q]["last_avail_idx"])
     wrap = np.int64(qs[q]["avail_wrap"])
     n = 0
-    while n < min(SCAN, size) and is_avail(qs, q, idx, wrap):
+    while n < min(limit, SCAN, size) and is_avail(qs, q, idx, wrap):
         n += 1
         idx += 1
         if idx == size:

@@ -19,10 +19,11 @@ EMPTY = P.EMPTY
 
 
 @kernel
-def begin(qs, q):
-    """Start a batch; returns a hint of how many chains are available (>0), 0, or -BROKEN_*."""
+def begin(qs, q, limit):
+    """Start a batch of up to ``limit`` chains; returns a hint of how many are available (>0), 0,
+    or -BROKEN_*."""
     if qs[q]["packed"]:
-        return P.begin(qs, q)
+        return P.begin_upto(qs, q, limit)
     n = S.avail_count(qs, q)
     qs[q]["t_count"] = 0
     qs[q]["u_count"] = 0
