@@ -198,7 +198,7 @@ def deliver_rounds(qs, regions, rounds, batch, src_base, qsize, flen):
     ``sc`` is the scratch tuple net_loop builds, built the same way here."""
     s_hva = np.zeros(1, np.uint64)
     s_len = np.zeros(1, np.uint64)
-    sc = new_scratch()
+    sc = new_scratch(np.zeros(8, np.uint64))  # offload counters: unused here
     hl = np.uint64(qs[RX]["hdr_len"])
     s_len[0] = hl + flen
     k = 0
@@ -223,7 +223,7 @@ def forward_rounds(qs, counters, regions, rounds, batch, qsize):
     one = np.ones(1, np.uint64)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch()
+    sc = new_scratch(np.zeros(8, np.uint64))  # offload counters: unused here
     cap = no_capture()
     out = 0
     for _ in range(rounds):

@@ -18,11 +18,29 @@ from numba import njit
 
 from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
 from devices.capture import empty as no_capture
+from devices.offload import (
+    FRAME_MAX,
+    GSO_NONE,
+    O_BAD,
+    O_CSUM,
+    O_GSO,
+    O_PASSED,
+    O_SEGMENTS,
+    OFF_CSUM,
+    OFF_ECN,
+    OFF_TSO4,
+    OFF_TSO6,
+    OSTAT_NAMES,
+    complete_csum,
+    gso_plan,
+    make_segment,
+    needs,
+)
 from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, cycles, store_u16, store_u64
+from vring.ordering import copy_bytes, cycles, load_u16, load_u64, store_u16, store_u64
 from vring.protocol import PF, F
 from vring.ring import EMPTY, begin, cursor, finish, pop, prefetch_batch, put_used, rollback
 from vring.split import MAX_SEGS
@@ -35,10 +53,17 @@ MAX_MRG = 64  # RX chains one frame may be merged over
 HDR_LEN_V1 = 12  # virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
 HDR_LEN_LEGACY = 10
 
+# checksum and TCP segmentation offloads, both ways (devices.offload completes them for a port
+# that lacks one). Not offered: UFO (IP fragmentation; Linux 6.1 guests never send it) and USO
+# (not in QEMU 7.2 nor Linux 6.1).
+NET_OFFLOADS = (
+    F.NET_CSUM | F.NET_GUEST_CSUM | F.NET_HOST_TSO4 | F.NET_HOST_TSO6 | F.NET_HOST_ECN
+    | F.NET_GUEST_TSO4 | F.NET_GUEST_TSO6 | F.NET_GUEST_ECN
+)
 # IN_ORDER holds by construction: every chain is completed, in order, in the batch that popped it
 NET_FEATURES = (
     F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_INDIRECT_DESC | F.RING_EVENT_IDX | F.PROTOCOL_FEATURES | F.ANY_LAYOUT
-    | F.RING_PACKED | F.IN_ORDER
+    | F.RING_PACKED | F.IN_ORDER | NET_OFFLOADS
 )
 NET_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
 
@@ -79,8 +104,10 @@ def _copy_frame(s_hva, s_len, ns, skip, d_hva, d_len, d_off, nbytes):
 
 
 @njit(nogil=True, cache=True)
-def new_scratch():
-    """Per-loop scratch for ``_deliver``: RX pieces, source pieces, RX chains of one frame, header."""
+def new_scratch(ostats):
+    """Per-loop scratch for ``_deliver``: RX pieces, source pieces, RX chains of one frame, header;
+    for ``_send``'s offload path: the frame, one segment, one piece; and ``ostats`` (the device's
+    offload counters, devices.offload O_*)."""
     return (
         np.zeros(MAX_SEGS, np.uint64),
         np.zeros(MAX_SEGS, np.uint64),
@@ -90,16 +117,27 @@ def new_scratch():
         np.zeros(MAX_MRG, np.uint64),
         np.zeros(MAX_MRG, np.int64),
         np.zeros(16, np.uint8),
+        np.zeros(FRAME_MAX, np.uint8),
+        np.zeros(FRAME_MAX, np.uint8),
+        np.zeros(1, np.uint64),
+        np.zeros(1, np.uint64),
+        ostats,
     )
 
 
 @kernel
 def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
-    """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains.
+    """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains, with a
+    virtio_net_hdr that asks for no offload. Returns chains used (> 0), 0 for no room / too big
+    (drop; nothing popped), or -BROKEN_*."""
+    return _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, np.uint64(0), np.uint16(0))
 
-    Returns chains used (> 0), 0 for no room / too big (drop; nothing popped), or -BROKEN_*.
-    """
-    d_hva, d_len, c_hva, c_len, rx_ids, rx_caps, rx_ndesc, hdr = sc
+
+@kernel
+def _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
+    """``_deliver`` with the virtio_net_hdr's first 10 bytes given: h0 = bytes 0-7 (flags, gso_type,
+    hdr_len, gso_size, csum_start, little-endian), h1 = csum_offset; num_buffers is ours."""
+    d_hva, d_len, c_hva, c_len, rx_ids, rx_caps, rx_ndesc, hdr = sc[:8]
     hl = np.uint64(qs[dst]["hdr_len"])
     need = hl + flen
     mrg = qs[dst]["mrg_rxbuf"]
@@ -124,15 +162,18 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
         rx_ndesc[nch] = ndesc
         nch += 1
         cap += ln
-    # virtio_net_hdr: no offloads negotiated, so flags/gso are zero; num_buffers = chains used
+    # virtio_net_hdr: the offload fields given (usually zero); num_buffers = chains used
     if d_len[0] >= hl:
         h = d_hva[0]  # the common case: the header fits in the first piece, write it in place
-        store_u64(h, np.uint64(0))
-        store_u16(h + np.uint64(8), np.uint16(0))
+        store_u64(h, h0)
+        store_u16(h + np.uint64(8), h1)
         if hl >= 12:
             store_u16(h + np.uint64(10), np.uint16(nch))
     else:
-        hdr[:] = 0
+        for b in range(8):
+            hdr[b] = (h0 >> np.uint64(8 * b)) & np.uint64(0xFF)
+        hdr[8] = h1 & 0xFF
+        hdr[9] = h1 >> 8
         hdr[10] = nch & 0xFF
         hdr[11] = nch >> 8
         c_hva[0] = np.uint64(hdr.ctypes.data)
@@ -145,6 +186,105 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
         put_used(qs, dst, rx_ids[k], used, rx_ndesc[k])
         rem -= used
     return nch
+
+
+@kernel
+def _count(counters, dst, r, flen):
+    """Count one delivery attempt on dst: 1 delivered, 0 dropped, or the -BROKEN_* code."""
+    if r > 0:
+        counters[dst, C_PACKETS] += 1
+        counters[dst, C_BYTES] += flen
+        return 1
+    if r == 0:
+        counters[dst, C_DROPS] += 1
+    return r
+
+
+@kernel
+def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc):
+    """Deliver one frame from a TX chain (after its ``hl``-byte virtio_net_hdr) into RX vring dst.
+
+    The header's offload request (checksum, TCP segmentation) is passed through if dst's driver
+    negotiated it, else completed here (``_complete``). Counts dst's packets, bytes and drops.
+    Returns the frames delivered (0: dropped) or -BROKEN_* (dst broke; not yet marked).
+    """
+    h0 = np.uint64(0)
+    h1 = np.uint16(0)
+    if hl >= 10:
+        if s_len[0] >= 10:
+            h0 = load_u64(s_hva[0])  # read once: the driver may rewrite it meanwhile
+            h1 = load_u16(s_hva[0] + np.uint64(8))
+        else:  # ANY_LAYOUT: the header spans pieces
+            hdr, p_hva, p_len = sc[7], sc[10], sc[11]
+            p_hva[0] = np.uint64(hdr.ctypes.data)
+            p_len[0] = np.uint64(16)
+            _copy_frame(s_hva, s_len, ns, 0, p_hva, p_len, 0, np.uint64(10))
+            for b in range(8):
+                h0 |= np.uint64(hdr[b]) << np.uint64(8 * b)
+            h1 = np.uint16(hdr[8]) | (np.uint16(hdr[9]) << np.uint16(8))
+    if h0 & np.uint64(0xFFFF) == 0:  # no flags, no GSO: nearly every frame
+        r = _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, np.uint64(0), np.uint16(0))
+        return _count(counters, dst, r, flen)
+    flags = np.int64(h0 & np.uint64(0xFF))
+    gso = np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF))
+    need = needs(flags, gso)
+    if need == 0:  # DATA_VALID or other flags a driver must not send: nothing to do
+        r = _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, np.uint64(0), np.uint16(0))
+        return _count(counters, dst, r, flen)
+    ostats = sc[12]
+    if need & ~np.int64(qs[dst]["net_offload"]) == 0:
+        ostats[O_PASSED] += 1
+        h0 &= ~np.uint64(0xFE)  # only NEEDS_CSUM is meaningful from a driver (§5.1.6.2.1)
+        return _count(counters, dst, _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1), flen)
+    return _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1)
+
+
+@kernel
+def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1):
+    """The offload dst did not negotiate, done in software on a private copy of the frame: the
+    checksum filled in, or the TCP super-frame cut into segments (each in its own RX chain(s))."""
+    lin, seg, p_hva, p_len, ostats = sc[8], sc[9], sc[10], sc[11], sc[12]
+    if flen > np.uint64(FRAME_MAX):
+        ostats[O_BAD] += 1
+        counters[dst, C_DROPS] += 1
+        return 0
+    p_hva[0] = np.uint64(lin.ctypes.data)
+    p_len[0] = np.uint64(FRAME_MAX)
+    _copy_frame(s_hva, s_len, ns, hl, p_hva, p_len, 0, flen)  # from here on the guest can't change it
+    gso = np.int64((h0 >> np.uint64(8)) & np.uint64(0x7F))
+    if gso == GSO_NONE:
+        if complete_csum(lin, flen, np.int64(h0 >> np.uint64(48)), np.int64(h1)) < 0:
+            ostats[O_BAD] += 1
+            counters[dst, C_DROPS] += 1
+            return 0
+        ostats[O_CSUM] += 1
+        p_len[0] = flen
+        return _count(counters, dst, _deliver_hdr(qs, regions, dst, p_hva, p_len, 1, 0, flen, sc, np.uint64(0),
+                                                  np.uint16(0)), flen)
+    mss = np.int64((h0 >> np.uint64(32)) & np.uint64(0xFFFF))
+    nseg, l3, l4, hdrs, v6 = gso_plan(lin, flen, np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF)), mss,
+                                          seg.shape[0])
+    if nseg < 0:
+        ostats[O_BAD] += 1
+        counters[dst, C_DROPS] += 1
+        return 0
+    ostats[O_GSO] += 1
+    p_hva[0] = np.uint64(seg.ctypes.data)
+    sent = 0
+    for i in range(nseg):
+        n = make_segment(lin, flen, l3, l4, hdrs, v6, mss, i, nseg, seg)
+        p_len[0] = np.uint64(n)
+        r = _deliver_hdr(qs, regions, dst, p_hva, p_len, 1, 0, np.uint64(n), sc, np.uint64(0), np.uint16(0))
+        if r < 0:
+            return r
+        if r == 0:  # no room: the later segments would not fit either
+            counters[dst, C_DROPS] += np.uint64(nseg - i)
+            break
+        counters[dst, C_PACKETS] += 1
+        counters[dst, C_BYTES] += np.uint64(n)
+        ostats[O_SEGMENTS] += 1
+        sent += 1
+    return sent
 
 
 @kernel
@@ -208,15 +348,11 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
             if dst >= 0:
                 counters[dst, C_DROPS] += 1
             continue
-        r = _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc)
+        r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc)
         if r > 0:
-            counters[dst, C_PACKETS] += 1
-            counters[dst, C_BYTES] += flen
             if capturing:
                 capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
-        elif r == 0:
-            counters[dst, C_DROPS] += 1
-        else:
+        elif r < 0:
             _mark_broken(qs, counters, dst, -r)
             dst_ok = False
     finish(qs, src, counters, one)
@@ -257,7 +393,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
 
 
 @njit(nogil=True, cache=True)
-def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy, cap):
+def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy, cap, ostats):
     """The net data plane: run every link, round after round, until told to stop.
 
     Self-measurement (as testpmd's --record-burst-stats / --record-core-cycles): polls[n]
@@ -269,7 +405,7 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
     pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch()
+    sc = new_scratch(ostats)
     idle = 0
     while running(ctrl):
         work = 0
@@ -284,6 +420,18 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
                 done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap)
             work += account_poll(polls, busy, burst, done, t0)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
+
+
+def offloads_taken(features: int) -> int:
+    """The OFF_* bits of a driver's negotiated features: what its RX vrings take as-is.
+    GSO needs GUEST_CSUM too (§5.1.3.1), so without it nothing is taken."""
+    if not features & F.NET_GUEST_CSUM:
+        return 0
+    off = OFF_CSUM
+    off |= OFF_TSO4 if features & F.NET_GUEST_TSO4 else 0
+    off |= OFF_TSO6 if features & F.NET_GUEST_TSO6 else 0
+    off |= OFF_ECN if features & F.NET_GUEST_ECN else 0
+    return off
 
 
 def test_frame(size: int) -> np.ndarray:
@@ -327,6 +475,7 @@ class NetDevice(Device):
         self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
         self.polls = np.zeros(burst + 1, np.int64)
         self.busy = np.zeros(2, np.uint64)
+        self.ostats = np.zeros(len(OSTAT_NAMES), np.uint64)
         self.worker = Worker("net", net_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
 
     def _links(self) -> np.ndarray:
@@ -348,7 +497,7 @@ class NetDevice(Device):
 
     def _args(self) -> tuple:
         return (self.qstate, self.counters, self.regions, self.links, self.watch, self.frame, self.burst,
-                self.polls, self.busy, self.cap)
+                self.polls, self.busy, self.cap, self.ostats)
 
     def poll_stats(self) -> dict[str, float]:
         """Share of empty polls and cycles (and ns) per frame in polls that found work."""
@@ -372,6 +521,18 @@ class NetDevice(Device):
         v1 = features & (F.VERSION_1 | F.NET_MRG_RXBUF)
         self.qstate[row]["hdr_len"] = HDR_LEN_V1 if v1 else HDR_LEN_LEGACY
         self.qstate[row]["mrg_rxbuf"] = 1 if features & F.NET_MRG_RXBUF else 0
+        self.qstate[row]["net_offload"] = offloads_taken(features)
+
+    def offload_stats(self) -> dict[str, int]:
+        """Frames whose offload request was passed through, completed (checksums, segmented
+        super-frames and the segments they became) or dropped as bad (devices.offload)."""
+        return {n: int(v) for n, v in zip(OSTAT_NAMES, self.ostats, strict=True)}
+
+    def sample_extra(self) -> dict:
+        return {"offload": self.offload_stats()}
+
+    def summary_lines(self) -> list[str]:
+        return ["offload: " + " ".join(f"{k}={v}" for k, v in self.offload_stats().items())]
 
     def port_counters(self, port: int) -> dict[str, int]:
         """rx = frames delivered to the driver, tx = frames taken from it, drops = frames lost toward it."""

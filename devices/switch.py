@@ -33,12 +33,13 @@ from devices.net import (
     NET_FEATURES,
     NET_PROTOCOL_FEATURES,
     NetDevice,
-    _deliver,
     _mark_broken,
     _ready,
+    _send,
     begin_batch,
     new_scratch,
 )
+from devices.offload import OSTAT_NAMES
 from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
 from vring.jit import kernel
@@ -177,15 +178,11 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, 
         began[row] = 1
         touched[nt] = row
         nt += 1
-    r = _deliver(qs, regions, row, s_hva, s_len, ns, hl, flen, sc)
+    r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc)  # counts packets, bytes, drops
     if r > 0:
-        counters[row, C_PACKETS] += 1
-        counters[row, C_BYTES] += flen
         if cap[0][K_PORTS] != 0:
             capture(cap[0], cap[1], cap[2], row, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
-    elif r == 0:
-        counters[row, C_DROPS] += 1
-    else:
+    elif r < 0:
         _mark_broken(qs, counters, row, -r)
     return nt
 
@@ -255,14 +252,14 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
 
 @njit(nogil=True, cache=True)
 def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac_key, mac_port, mac_seen, params,
-                st, polls, busy, cap):
+                st, polls, busy, cap, ostats):
     """The switch data plane: every TX queue of every port, round after round, until told to stop."""
     one = np.ones(1, np.uint64)
     buf = np.zeros(1, np.uint64)
     pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch()
+    sc = new_scratch(ostats)
     began = np.zeros(qs.shape[0], np.uint8)
     touched = np.zeros(qs.shape[0], np.int64)
     idle = 0
@@ -318,6 +315,7 @@ class SwitchDevice(NetDevice):
         self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
         self.polls = np.zeros(burst + 1, np.int64)
         self.busy = np.zeros(2, np.uint64)
+        self.ostats = np.zeros(len(OSTAT_NAMES), np.uint64)
         self.worker = Worker("switch", switch_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
 
     @property
@@ -335,7 +333,7 @@ class SwitchDevice(NetDevice):
     def _args(self) -> tuple:
         return (self.qstate, self.counters, self.regions, self.rx_rows, self.tx_rows, self.watch, self.burst,
                 self.mac_key, self.mac_port, self.mac_seen, self.params, self.swstats, self.polls, self.busy,
-                self.cap)
+                self.cap, self.ostats)
 
     def mac_table(self) -> list[dict]:
         """Live entries (not aged out), sorted by port then MAC: {"mac", "port", "age_s"}.
@@ -372,10 +370,10 @@ class SwitchDevice(NetDevice):
         self.flush(port)  # link down: frames for its MACs flood again instead of dying at an empty port
 
     def sample_extra(self) -> dict:
-        return {"mac_table": self.mac_table(), "switch": self.switch_stats()}
+        return {"mac_table": self.mac_table(), "switch": self.switch_stats(), "offload": self.offload_stats()}
 
     def summary_lines(self) -> list[str]:
-        lines = ["switch: " + " ".join(f"{k}={v}" for k, v in self.switch_stats().items())]
+        lines = ["switch: " + " ".join(f"{k}={v}" for k, v in self.switch_stats().items()), *super().summary_lines()]
         lines += [f"mac {e['mac']} port={e['port']} age_s={e['age_s']}" for e in self.mac_table()]
         return lines
 
