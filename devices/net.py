@@ -273,6 +273,8 @@ def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1
     sent = 0
     for i in range(nseg):
         n = make_segment(lin, flen, l3, l4, hdrs, v6, mss, i, nseg, seg)
+        if n < 0:  # cannot happen after gso_plan; stop rather than deliver garbage
+            break
         p_len[0] = np.uint64(n)
         r = _deliver_hdr(qs, regions, dst, p_hva, p_len, 1, 0, np.uint64(n), sc, np.uint64(0), np.uint16(0))
         if r < 0:

@@ -189,9 +189,12 @@ def make_segment(buf, flen, l3, l4, hdrs, v6, mss, i, nseg, out):
 
     Headers copied from the super-frame, then: IPv4 total length, id + i and header checksum, or
     IPv6 payload length; TCP sequence number + i * mss; FIN and PSH only on the last segment,
-    CWR only on the first; the TCP checksum over the pseudo-header and the segment."""
+    CWR only on the first; the TCP checksum over the pseudo-header and the segment.
+    Returns the segment's length, or -BAD_GSO_SIZE if the arguments are not a plan's."""
     flen = np.int64(flen)
     mss = np.int64(mss)
+    if hdrs + mss > out.shape[0] or flen > buf.shape[0] or i < 0 or i >= nseg:
+        return -BAD_GSO_SIZE  # not as gso_plan planned it: touch nothing
     p0 = hdrs + i * mss
     plen = min(mss, flen - p0)
     if plen < 0:
