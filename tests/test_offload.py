@@ -8,6 +8,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 
 import dpkt
 import numpy as np
@@ -37,6 +38,8 @@ from devices.offload import (
     make_segment,
     needs,
 )
+from vring.frontend import Frontend
+from vring.protocol import F
 
 COMMON = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 CHILD_ENV = "VRING_TEST_BOUNDSCHECK_CHILD"
@@ -300,3 +303,113 @@ def test_no_out_of_bounds_under_numba_boundscheck(tmp_path):
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "1 passed" in p.stdout
+
+
+# ------------------------------------------------------------------ through vring net, end to end
+HOST_OFFLOADS = F.NET_CSUM | F.NET_HOST_TSO4 | F.NET_HOST_TSO6
+GUEST_OFFLOADS = F.NET_GUEST_CSUM | F.NET_GUEST_TSO4 | F.NET_GUEST_TSO6
+RX_BUF = 2048
+
+
+def vnet_hdr(flags=0, gso_type=0, hdr_len=0, gso_size=0, csum_start=0, csum_offset=0) -> bytes:
+    return struct.pack("<BBHHHHH", flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 0)
+
+
+def send_raw(fe: Frontend, hdr: bytes, frame: bytes) -> None:
+    t = fe.tx()
+    t.take_used()
+    t.add_buffer(hdr + frame)
+    t.publish()
+
+
+def post_rx(fe: Frontend) -> None:
+    r = fe.rx()
+    while r.free:
+        r.add_buffer(writable=True, length=RX_BUF)  # small buffers: a super-frame must be merged
+    r.publish()
+
+
+def recv_raw(fe: Frontend, want: int, timeout: float = 20) -> list[tuple[bytes, bytes]]:
+    """(virtio_net_hdr, frame) pairs delivered on RX, merged buffers joined."""
+    r = fe.rx()
+    out: list[tuple[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        used = r.take_used()
+        i = 0
+        while i < len(used):
+            data = r.buf(used[i][0])[: used[i][1]].tobytes()
+            nbuf = max(int.from_bytes(data[10:12], "little"), 1)
+            for k in range(1, nbuf):
+                data += r.buf(used[i + k][0])[: used[i + k][1]].tobytes()
+            out.append((data[:12], data[12:]))
+            i += nbuf
+        if used:
+            post_rx(fe)
+        time.sleep(0.01)
+    return out
+
+
+def test_offloads_through_vring(vring_proc, sockdir):
+    """Port 0's driver takes checksum and TSO offloads (GUEST_*), port 1's takes none.
+
+    0 -> 1: vring completes a partial checksum and cuts IPv4 and IPv6 super-frames into segments;
+    hostile headers are dropped and counted. 1 -> 0: the super-frame and its header go through as
+    they are, merged over small RX buffers."""
+    a, b = os.path.join(sockdir, "a.sock"), os.path.join(sockdir, "b.sock")
+    v = vring_proc("net", "--socket", a, "--socket", b)
+    v.wait_log("port=1 listening", 60)
+    base = Frontend.DEFAULT_FEATURES | HOST_OFFLOADS
+    fa = Frontend(a, queue_size=64, buf_size=65536, features=base | GUEST_OFFLOADS)
+    fb = Frontend(b, queue_size=64, buf_size=65536, features=base)
+    for fe in (fa, fb):
+        fe.connect()
+        fe.setup()
+        post_rx(fe)
+    assert fa.features & GUEST_OFFLOADS == GUEST_OFFLOADS and not fb.features & GUEST_OFFLOADS
+    rnd = random.Random(5)
+
+    # a partial checksum, completed for port 1
+    f = tcp_frame(rnd.randbytes(1000), False, dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH, 7)
+    send_raw(fa, vnet_hdr(flags=1, csum_start=34, csum_offset=16), f)
+    (hdr, got), = recv_raw(fb, 1)
+    assert hdr[:10] == bytes(10) and len(got) == len(f)
+    assert got[:50] == f[:50] and got[52:] == f[52:]  # only the checksum field changed
+    assert ref_sum(got[34:], ref_sum(pseudo(dpkt.ethernet.Ethernet(got).data, len(got) - 34))) == 0xFFFF
+
+    # IPv4 and IPv6 super-frames, segmented for port 1
+    for v6, plen in ((False, 20000), (True, 9000)):
+        f = tcp_frame(rnd.randbytes(plen), v6, dpkt.tcp.TH_ACK | dpkt.tcp.TH_PUSH, 1000)
+        l4 = 14 + (40 if v6 else 20)
+        send_raw(fa, vnet_hdr(1, GSO_TCPV6 if v6 else GSO_TCPV4, l4 + 20, 1448, l4, 16), f)
+        got = recv_raw(fb, -(-plen // 1448))
+        assert len(got) == -(-plen // 1448) and all(h[:10] == bytes(10) for h, _ in got)
+        check_segments(f, [s for _, s in got], 1448, False)
+
+    # hostile headers: dropped and counted; the next frame still goes through
+    f = tcp_frame(b"y" * 3000, False, 0x18, 1)
+    send_raw(fa, vnet_hdr(1, GSO_TCPV4, 54, 0, 34, 16), f)  # gso_size 0
+    send_raw(fa, vnet_hdr(1, 0, 0, 0, 34, 0xFFFF), f)  # csum_offset outside the frame
+    send_raw(fa, vnet_hdr(1, GSO_UDP, 54, 1000, 34, 16), f)  # UFO: not offered
+    send_raw(fa, vnet_hdr(), f)
+    (hdr, got), = recv_raw(fb, 1)
+    assert got == f
+
+    # 1 -> 0: passed through, header and all
+    f = tcp_frame(rnd.randbytes(30000), False, 0x18, 3)
+    h = vnet_hdr(1, GSO_TCPV4, 54, 1448, 34, 16)
+    send_raw(fb, h, f)
+    (hdr, got), = recv_raw(fa, 1)
+    assert hdr[:10] == h[:10] and got == f
+    assert int.from_bytes(hdr[10:12], "little") == -(-(12 + len(f)) // RX_BUF)  # num_buffers
+
+    fa.close()
+    fb.close()
+    assert v.stop() == 0
+    log = v.log_text()
+    line = next(x for x in log.splitlines() if x.startswith("offload:"))
+    st = dict(kv.split("=") for kv in line.split()[1:])
+    assert st == {"passed": "1", "csum_completed": "1", "gso_segmented": "2",
+                  "segments": str(-(-20000 // 1448) + -(-9000 // 1448)), "bad": "3"}, line
+    c = v.port_counters()
+    assert c[1]["rx_dropped"] == 3 and c[1]["errors"] == 0 and c[0]["errors"] == 0
