@@ -23,8 +23,9 @@ from devices.offload import (
     GSO_NONE,
     O_BAD,
     O_CSUM,
+    O_CSUM_PASSED,
     O_GSO,
-    O_PASSED,
+    O_GSO_PASSED,
     O_SEGMENTS,
     OFF_CSUM,
     OFF_ECN,
@@ -233,7 +234,7 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc):
         return _count(counters, dst, r, flen)
     ostats = sc[12]
     if need & ~np.int64(qs[dst]["net_offload"]) == 0:
-        ostats[O_PASSED] += 1
+        ostats[O_GSO_PASSED if gso & 0x7F else O_CSUM_PASSED] += 1
         h0 &= ~np.uint64(0xFE)  # only NEEDS_CSUM is meaningful from a driver (§5.1.6.2.1)
         return _count(counters, dst, _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1), flen)
     return _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1)
@@ -526,8 +527,9 @@ class NetDevice(Device):
         self.qstate[row]["net_offload"] = offloads_taken(features)
 
     def offload_stats(self) -> dict[str, int]:
-        """Frames whose offload request was passed through, completed (checksums, segmented
-        super-frames and the segments they became) or dropped as bad (devices.offload)."""
+        """Frames whose offload request was passed through (partial checksum only, or TCP
+        super-frames), completed (checksums, super-frames segmented and the segments they became)
+        or dropped as bad (devices.offload)."""
         return {n: int(v) for n, v in zip(OSTAT_NAMES, self.ostats, strict=True)}
 
     def sample_extra(self) -> dict:

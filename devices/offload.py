@@ -40,8 +40,8 @@ BAD_L3 = 5  # not IPv4 / IPv6 carrying TCP, or its header outside the frame
 BAD_L4 = 6  # TCP header outside the frame
 
 # offload statistics (NetDevice.ostats)
-O_PASSED, O_CSUM, O_GSO, O_SEGMENTS, O_BAD = range(5)
-OSTAT_NAMES = ("passed", "csum_completed", "gso_segmented", "segments", "bad")
+O_CSUM_PASSED, O_GSO_PASSED, O_CSUM, O_GSO, O_SEGMENTS, O_BAD = range(6)
+OSTAT_NAMES = ("csum_passed", "gso_passed", "csum_completed", "gso_segmented", "segments", "bad")
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q, ETH_P_8021AD = 0x0800, 0x86DD, 0x8100, 0x88A8
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
