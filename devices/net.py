@@ -223,21 +223,20 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc):
             for b in range(8):
                 h0 |= np.uint64(hdr[b]) << np.uint64(8 * b)
             h1 = np.uint16(hdr[8]) | (np.uint16(hdr[9]) << np.uint16(8))
-    if h0 & np.uint64(0xFFFF) == 0:  # no flags, no GSO: nearly every frame
-        r = _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, np.uint64(0), np.uint16(0))
-        return _count(counters, dst, r, flen)
-    flags = np.int64(h0 & np.uint64(0xFF))
-    gso = np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF))
-    need = needs(flags, gso)
-    if need == 0:  # DATA_VALID or other flags a driver must not send: nothing to do
-        r = _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, np.uint64(0), np.uint16(0))
-        return _count(counters, dst, r, flen)
-    ostats = sc[12]
-    if need & ~np.int64(qs[dst]["net_offload"]) == 0:
-        ostats[O_GSO_PASSED if gso & 0x7F else O_CSUM_PASSED] += 1
-        h0 &= ~np.uint64(0xFE)  # only NEEDS_CSUM is meaningful from a driver (§5.1.6.2.1)
-        return _count(counters, dst, _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1), flen)
-    return _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1)
+    if h0 & np.uint64(0xFFFF) != 0:  # flags or GSO set: rare (most frames take the zero header below)
+        need = needs(np.int64(h0 & np.uint64(0xFF)), np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF)))
+        if need & ~np.int64(qs[dst]["net_offload"]) != 0:
+            return _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1)
+        if need != 0:  # dst takes it as it is
+            sc[12][O_GSO_PASSED if need & (OFF_TSO4 | OFF_TSO6) else O_CSUM_PASSED] += 1
+            h0 &= ~np.uint64(0xFE)  # only NEEDS_CSUM is meaningful from a driver (§5.1.6.2.1)
+        else:  # DATA_VALID or other flags a driver must not send: nothing to do
+            h0 = np.uint64(0)
+            h1 = np.uint16(0)
+    else:
+        h0 = np.uint64(0)  # gso_type NONE: the other fields mean nothing (§5.1.6.2)
+        h1 = np.uint16(0)
+    return _count(counters, dst, _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1), flen)
 
 
 @kernel
