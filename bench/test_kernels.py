@@ -32,7 +32,7 @@ import pytest
 from numba import njit
 
 from devices.capture import empty as no_capture
-from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, new_scratch
+from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, new_offload_scratch, new_scratch
 from vring.ring import begin, publish
 from devices.net import test_frame as make_frame
 from vring.frontend import GPA_BASE, NET_HDR, Frontend
@@ -198,7 +198,7 @@ def deliver_rounds(qs, regions, rounds, batch, src_base, qsize, flen):
     ``sc`` is the scratch tuple net_loop builds, built the same way here."""
     s_hva = np.zeros(1, np.uint64)
     s_len = np.zeros(1, np.uint64)
-    sc = new_scratch(np.zeros(8, np.uint64))  # offload counters: unused here
+    sc = new_scratch()
     hl = np.uint64(qs[RX]["hdr_len"])
     s_len[0] = hl + flen
     k = 0
@@ -209,7 +209,7 @@ def deliver_rounds(qs, regions, rounds, batch, src_base, qsize, flen):
         for _i in range(batch):
             s_hva[0] = src_base + np.uint64(k & (qsize - 1)) * np.uint64(2048)
             k += 1
-            r = _deliver(qs, regions, RX, s_hva, s_len, 1, hl, flen, sc)
+            r = _deliver(qs, regions, RX, s_hva, s_len, 1, hl, flen, sc, np.uint64(0), np.uint16(0))
             if r <= 0:
                 return -1
             out += 1
@@ -223,13 +223,14 @@ def forward_rounds(qs, counters, regions, rounds, batch, qsize):
     one = np.ones(1, np.uint64)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch(np.zeros(8, np.uint64))  # offload counters: unused here
+    sc = new_scratch()
     cap = no_capture()
+    ob = new_offload_scratch(np.zeros(8, np.uint64))
     out = 0
     for _ in range(rounds):
         _driver_post(qs, TX, batch)
         _driver_post(qs, RX, qsize)
-        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, cap)
+        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, ob, cap)
         if done != batch:
             return -1
         out += done

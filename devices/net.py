@@ -39,7 +39,7 @@ from devices.offload import (
 )
 from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
-from vring.jit import kernel
+from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import copy_bytes, cycles, load_u16, load_u64, store_u16, store_u64
 from vring.protocol import PF, F
@@ -105,10 +105,8 @@ def _copy_frame(s_hva, s_len, ns, skip, d_hva, d_len, d_off, nbytes):
 
 
 @njit(nogil=True, cache=True)
-def new_scratch(ostats):
-    """Per-loop scratch for ``_deliver``: RX pieces, source pieces, RX chains of one frame, header;
-    for ``_send``'s offload path: the frame, one segment, one piece; and ``ostats`` (the device's
-    offload counters, devices.offload O_*)."""
+def new_scratch():
+    """Per-loop scratch for ``_deliver``: RX pieces, source pieces, RX chains of one frame, header."""
     return (
         np.zeros(MAX_SEGS, np.uint64),
         np.zeros(MAX_SEGS, np.uint64),
@@ -118,27 +116,27 @@ def new_scratch(ostats):
         np.zeros(MAX_MRG, np.uint64),
         np.zeros(MAX_MRG, np.int64),
         np.zeros(16, np.uint8),
-        np.zeros(FRAME_MAX, np.uint8),
-        np.zeros(FRAME_MAX, np.uint8),
-        np.zeros(1, np.uint64),
-        np.zeros(1, np.uint64),
-        ostats,
     )
 
 
-@kernel
-def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
-    """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains, with a
-    virtio_net_hdr that asks for no offload. Returns chains used (> 0), 0 for no room / too big
-    (drop; nothing popped), or -BROKEN_*."""
-    return _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, np.uint64(0), np.uint16(0))
+@njit(nogil=True, cache=True)
+def new_offload_scratch(ostats):
+    """Per-loop scratch for ``_send``'s offload path: the frame, one segment, one piece (address,
+    length); with ``ostats``, the device's offload counters (devices.offload O_*). Apart from
+    ``new_scratch`` so the per-frame calls pass no more arrays than they did without offloads."""
+    return np.zeros(FRAME_MAX, np.uint8), np.zeros(FRAME_MAX, np.uint8), np.zeros(1, np.uint64), \
+        np.zeros(1, np.uint64), ostats
 
 
 @kernel
-def _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
-    """``_deliver`` with the virtio_net_hdr's first 10 bytes given: h0 = bytes 0-7 (flags, gso_type,
-    hdr_len, gso_size, csum_start, little-endian), h1 = csum_offset; num_buffers is ours."""
-    d_hva, d_len, c_hva, c_len, rx_ids, rx_caps, rx_ndesc, hdr = sc[:8]
+def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
+    """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains, behind
+    a virtio_net_hdr whose first 10 bytes are h0 (bytes 0-7: flags, gso_type, hdr_len, gso_size,
+    csum_start, little-endian) and h1 (csum_offset); 0, 0 asks for no offload. num_buffers is ours.
+
+    Returns chains used (> 0), 0 for no room / too big (drop; nothing popped), or -BROKEN_*.
+    """
+    d_hva, d_len, c_hva, c_len, rx_ids, rx_caps, rx_ndesc, hdr = sc
     hl = np.uint64(qs[dst]["hdr_len"])
     need = hl + flen
     mrg = qs[dst]["mrg_rxbuf"]
@@ -189,7 +187,7 @@ def _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
     return nch
 
 
-@kernel
+@inline_kernel
 def _count(counters, dst, r, flen):
     """Count one delivery attempt on dst: 1 delivered, 0 dropped, or the -BROKEN_* code."""
     if r > 0:
@@ -201,8 +199,8 @@ def _count(counters, dst, r, flen):
     return r
 
 
-@kernel
-def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc):
+@inline_kernel
+def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob):
     """Deliver one frame from a TX chain (after its ``hl``-byte virtio_net_hdr) into RX vring dst.
 
     The header's offload request (checksum, TCP segmentation) is passed through if dst's driver
@@ -216,7 +214,7 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc):
             h0 = load_u64(s_hva[0])  # read once: the driver may rewrite it meanwhile
             h1 = load_u16(s_hva[0] + np.uint64(8))
         else:  # ANY_LAYOUT: the header spans pieces
-            hdr, p_hva, p_len = sc[7], sc[10], sc[11]
+            hdr, p_hva, p_len = sc[7], ob[2], ob[3]
             p_hva[0] = np.uint64(hdr.ctypes.data)
             p_len[0] = np.uint64(16)
             _copy_frame(s_hva, s_len, ns, 0, p_hva, p_len, 0, np.uint64(10))
@@ -226,9 +224,9 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc):
     if h0 & np.uint64(0xFFFF) != 0:  # flags or GSO set: rare (most frames take the zero header below)
         need = needs(np.int64(h0 & np.uint64(0xFF)), np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF)))
         if need & ~np.int64(qs[dst]["net_offload"]) != 0:
-            return _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1)
+            return _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, h0, h1)
         if need != 0:  # dst takes it as it is
-            sc[12][O_GSO_PASSED if need & (OFF_TSO4 | OFF_TSO6) else O_CSUM_PASSED] += 1
+            ob[4][O_GSO_PASSED if need & (OFF_TSO4 | OFF_TSO6) else O_CSUM_PASSED] += 1
             h0 &= ~np.uint64(0xFE)  # only NEEDS_CSUM is meaningful from a driver (§5.1.6.2.1)
         else:  # DATA_VALID or other flags a driver must not send: nothing to do
             h0 = np.uint64(0)
@@ -236,14 +234,14 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc):
     else:
         h0 = np.uint64(0)  # gso_type NONE: the other fields mean nothing (§5.1.6.2)
         h1 = np.uint16(0)
-    return _count(counters, dst, _deliver_hdr(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1), flen)
+    return _count(counters, dst, _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1), flen)
 
 
 @kernel
-def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1):
+def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, h0, h1):
     """The offload dst did not negotiate, done in software on a private copy of the frame: the
     checksum filled in, or the TCP super-frame cut into segments (each in its own RX chain(s))."""
-    lin, seg, p_hva, p_len, ostats = sc[8], sc[9], sc[10], sc[11], sc[12]
+    lin, seg, p_hva, p_len, ostats = ob
     if flen > np.uint64(FRAME_MAX):
         ostats[O_BAD] += 1
         counters[dst, C_DROPS] += 1
@@ -259,7 +257,7 @@ def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1
             return 0
         ostats[O_CSUM] += 1
         p_len[0] = flen
-        return _count(counters, dst, _deliver_hdr(qs, regions, dst, p_hva, p_len, 1, 0, flen, sc, np.uint64(0),
+        return _count(counters, dst, _deliver(qs, regions, dst, p_hva, p_len, 1, 0, flen, sc, np.uint64(0),
                                                   np.uint16(0)), flen)
     mss = np.int64((h0 >> np.uint64(32)) & np.uint64(0xFFFF))
     nseg, l3, l4, hdrs, v6 = gso_plan(lin, flen, np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF)), mss,
@@ -276,7 +274,7 @@ def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1
         if n < 0:  # cannot happen after gso_plan; stop rather than deliver garbage
             break
         p_len[0] = np.uint64(n)
-        r = _deliver_hdr(qs, regions, dst, p_hva, p_len, 1, 0, np.uint64(n), sc, np.uint64(0), np.uint16(0))
+        r = _deliver(qs, regions, dst, p_hva, p_len, 1, 0, np.uint64(n), sc, np.uint64(0), np.uint16(0))
         if r < 0:
             return r
         if r == 0:  # no room: the later segments would not fit either
@@ -310,7 +308,7 @@ def begin_batch(qs, counters, regions, q, burst, write):
 
 
 @kernel
-def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap):
+def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
     n = begin_batch(qs, counters, regions, src, burst, 0)
     if n <= 0:
@@ -350,7 +348,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
             if dst >= 0:
                 counters[dst, C_DROPS] += 1
             continue
-        r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc)
+        r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob)
         if r > 0:
             if capturing:
                 capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
@@ -378,7 +376,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
             seq = counters[dst, C_PACKETS]
             for b in range(4):
                 frame[42 + b] = (seq >> (8 * b)) & 0xFF
-        r = _deliver(qs, regions, dst, s_hva, s_len, 1, 0, flen, sc)
+        r = _deliver(qs, regions, dst, s_hva, s_len, 1, 0, flen, sc, np.uint64(0), np.uint16(0))
         if r > 0:
             counters[dst, C_PACKETS] += 1
             counters[dst, C_BYTES] += flen
@@ -407,7 +405,8 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
     pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch(ostats)
+    sc = new_scratch()
+    ob = new_offload_scratch(ostats)
     idle = 0
     while running(ctrl):
         work = 0
@@ -419,7 +418,7 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
             if mode == MODE_SOURCE:
                 done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap)
             else:
-                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap)
+                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap)
             work += account_poll(polls, busy, burst, done, t0)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
 

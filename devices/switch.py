@@ -37,6 +37,7 @@ from devices.net import (
     _ready,
     _send,
     begin_batch,
+    new_offload_scratch,
     new_scratch,
 )
 from devices.offload import OSTAT_NAMES
@@ -166,7 +167,7 @@ def _rx_row(qs, rx_rows, port, k):
 
 
 @kernel
-def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt, cap):
+def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt, cap):
     """Deliver one frame into RX vring ``row``, beginning its batch if this is its first frame.
     Returns the new number of touched rows."""
     if not began[row]:
@@ -178,7 +179,7 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, 
         began[row] = 1
         touched[nt] = row
         nt += 1
-    r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc)  # counts packets, bytes, drops
+    r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob)  # counts packets, bytes, drops
     if r > 0:
         if cap[0][K_PORTS] != 0:
             capture(cap[0], cap[1], cap[2], row, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
@@ -188,7 +189,7 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, 
 
 
 @kernel
-def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, began, touched,
+def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob, began, touched,
                  mac_key, mac_port, mac_seen, params, st, cap):
     """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them."""
     src = tx_rows[port, k]
@@ -232,7 +233,7 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
             if row < 0:
                 counters[rx_rows[out, 0], C_DROPS] += 1
             else:
-                nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt, cap)
+                nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt, cap)
         else:
             st[S_FLOODED] += 1
             for p in range(nports):
@@ -240,7 +241,7 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
                     continue
                 row = _rx_row(qs, rx_rows, p, k)
                 if row >= 0:
-                    nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt,
+                    nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt,
                                   cap)
     finish(qs, src, counters, one)
     for i in range(nt):
@@ -259,7 +260,8 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
     pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch(ostats)
+    sc = new_scratch()
+    ob = new_offload_scratch(ostats)
     began = np.zeros(qs.shape[0], np.uint8)
     touched = np.zeros(qs.shape[0], np.int64)
     idle = 0
@@ -268,7 +270,7 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
         for k in range(tx_rows.shape[1]):
             for p in range(tx_rows.shape[0]):
                 t0 = cycles()
-                done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc,
+                done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob,
                                     began, touched, mac_key, mac_port, mac_seen, params, st, cap)
                 work += account_poll(polls, busy, burst, done, t0)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
