@@ -39,7 +39,7 @@ import pytest
 from numba import njit
 
 from devices.capture import empty as no_capture
-from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, new_scratch
+from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, new_offload_scratch, new_scratch
 from devices.net import test_frame as make_frame
 from vring import packed as P
 from vring.frontend import GPA_BASE, NET_HDR, Frontend
@@ -334,7 +334,7 @@ def deliver_rounds(qs, drv, regions, rounds, batch, src_base, qsize, flen):
         for _i in range(batch):
             s_hva[0] = src_base + np.uint64(k & (qsize - 1)) * np.uint64(2048)
             k += 1
-            r = _deliver(qs, regions, RX, s_hva, s_len, 1, hl, flen, sc)
+            r = _deliver(qs, regions, RX, s_hva, s_len, 1, hl, flen, sc, np.uint64(0), np.uint16(0))
             if r <= 0:
                 return -1
             out += 1
@@ -350,11 +350,12 @@ def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len):
     s_len = np.zeros(MAX_SEGS, np.uint64)
     sc = new_scratch()
     cap = no_capture()
+    ob = new_offload_scratch(np.zeros(8, np.uint64))
     out = 0
     for _ in range(rounds):
         _tx_post(qs, drv, batch, tx_len)
         _rx_post(qs, drv)
-        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, cap)
+        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, ob, cap)
         if done != batch:
             return -1
         out += done

@@ -18,11 +18,30 @@ from numba import njit
 
 from devices.capture import DIR_FROM_GUEST, DIR_TO_GUEST, K_PORTS, capture
 from devices.capture import empty as no_capture
+from devices.offload import (
+    FRAME_MAX,
+    GSO_NONE,
+    O_BAD,
+    O_CSUM,
+    O_CSUM_PASSED,
+    O_GSO,
+    O_GSO_PASSED,
+    O_SEGMENTS,
+    OFF_CSUM,
+    OFF_ECN,
+    OFF_TSO4,
+    OFF_TSO6,
+    OSTAT_NAMES,
+    complete_csum,
+    gso_plan,
+    make_segment,
+    needs,
+)
 from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
-from vring.jit import kernel
+from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, cycles, load_u8, store_u16, store_u64
+from vring.ordering import copy_bytes, cycles, load_u8, load_u16, load_u64, store_u16, store_u64
 from vring.protocol import MAX_MTU, MIN_MTU, PF, F
 from vring.ring import EMPTY, begin, cursor, finish, pop, prefetch_batch, put_used, rollback
 from vring.split import MAX_SEGS
@@ -37,10 +56,17 @@ HDR_LEN_LEGACY = 10
 ETH_HLEN = 14  # a frame may be MTU + 14 bytes long (+ 4 with one VLAN tag)
 DEFAULT_MTU = 1500  # reported in the config space when no MTU is set
 
+# checksum and TCP segmentation offloads, both ways (devices.offload completes them for a port
+# that lacks one). Not offered: UFO (IP fragmentation; Linux 6.1 guests never send it) and USO
+# (not in QEMU 7.2 nor Linux 6.1).
+NET_OFFLOADS = (
+    F.NET_CSUM | F.NET_GUEST_CSUM | F.NET_HOST_TSO4 | F.NET_HOST_TSO6 | F.NET_HOST_ECN
+    | F.NET_GUEST_TSO4 | F.NET_GUEST_TSO6 | F.NET_GUEST_ECN
+)
 # IN_ORDER holds by construction: every chain is completed, in order, in the batch that popped it
 NET_FEATURES = (
     F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_INDIRECT_DESC | F.RING_EVENT_IDX | F.PROTOCOL_FEATURES | F.ANY_LAYOUT
-    | F.RING_PACKED | F.IN_ORDER | F.NET_MTU
+    | F.RING_PACKED | F.IN_ORDER | F.NET_MTU | NET_OFFLOADS
 )
 NET_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.INFLIGHT_SHMFD | PF.NET_MTU
 
@@ -95,9 +121,20 @@ def new_scratch():
     )
 
 
+@njit(nogil=True, cache=True)
+def new_offload_scratch(ostats):
+    """Per-loop scratch for ``_send``'s offload path: the frame, one segment, one piece (address,
+    length); with ``ostats``, the device's offload counters (devices.offload O_*). Apart from
+    ``new_scratch`` so the per-frame calls pass no more arrays than they did without offloads."""
+    return np.zeros(FRAME_MAX, np.uint8), np.zeros(FRAME_MAX, np.uint8), np.zeros(1, np.uint64), \
+        np.zeros(1, np.uint64), ostats
+
+
 @kernel
-def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
-    """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains.
+def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
+    """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains, behind
+    a virtio_net_hdr whose first 10 bytes are h0 (bytes 0-7: flags, gso_type, hdr_len, gso_size,
+    csum_start, little-endian) and h1 (csum_offset); 0, 0 asks for no offload. num_buffers is ours.
 
     Returns chains used (> 0), 0 for no room / too big (drop; nothing popped), or -BROKEN_*.
     """
@@ -126,15 +163,18 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
         rx_ndesc[nch] = ndesc
         nch += 1
         cap += ln
-    # virtio_net_hdr: no offloads negotiated, so flags/gso are zero; num_buffers = chains used
+    # virtio_net_hdr: the offload fields given (usually zero); num_buffers = chains used
     if d_len[0] >= hl:
         h = d_hva[0]  # the common case: the header fits in the first piece, write it in place
-        store_u64(h, np.uint64(0))
-        store_u16(h + np.uint64(8), np.uint16(0))
+        store_u64(h, h0)
+        store_u16(h + np.uint64(8), h1)
         if hl >= 12:
             store_u16(h + np.uint64(10), np.uint16(nch))
     else:
-        hdr[:] = 0
+        for b in range(8):
+            hdr[b] = (h0 >> np.uint64(8 * b)) & np.uint64(0xFF)
+        hdr[8] = h1 & 0xFF
+        hdr[9] = h1 >> 8
         hdr[10] = nch & 0xFF
         hdr[11] = nch >> 8
         c_hva[0] = np.uint64(hdr.ctypes.data)
@@ -147,6 +187,106 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc):
         put_used(qs, dst, rx_ids[k], used, rx_ndesc[k])
         rem -= used
     return nch
+
+
+@inline_kernel
+def _count(counters, dst, r, flen):
+    """Count one delivery attempt on dst: 1 delivered, 0 dropped, or the -BROKEN_* code."""
+    if r > 0:
+        counters[dst, C_PACKETS] += 1
+        counters[dst, C_BYTES] += flen
+        return 1
+    if r == 0:
+        counters[dst, C_DROPS] += 1
+    return r
+
+
+@inline_kernel
+def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob):
+    """Deliver one frame from a TX chain (after its ``hl``-byte virtio_net_hdr) into RX vring dst.
+
+    The header's offload request (checksum, TCP segmentation) is passed through if dst's driver
+    negotiated it, else completed here (``_complete``). Counts dst's packets, bytes and drops.
+    Returns the frames delivered (0: dropped) or -BROKEN_* (dst broke; not yet marked).
+    """
+    h0 = np.uint64(0)
+    h1 = np.uint16(0)
+    if hl >= 10:
+        if s_len[0] >= 10:
+            h0 = load_u64(s_hva[0])  # read once: the driver may rewrite it meanwhile
+            h1 = load_u16(s_hva[0] + np.uint64(8))
+        else:  # ANY_LAYOUT: the header spans pieces
+            hdr, p_hva, p_len = sc[7], ob[2], ob[3]
+            p_hva[0] = np.uint64(hdr.ctypes.data)
+            p_len[0] = np.uint64(16)
+            _copy_frame(s_hva, s_len, ns, 0, p_hva, p_len, 0, np.uint64(10))
+            for b in range(8):
+                h0 |= np.uint64(hdr[b]) << np.uint64(8 * b)
+            h1 = np.uint16(hdr[8]) | (np.uint16(hdr[9]) << np.uint16(8))
+    if h0 & np.uint64(0xFFFF) != 0:  # flags or GSO set: rare (most frames take the zero header below)
+        need = needs(np.int64(h0 & np.uint64(0xFF)), np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF)))
+        if need & ~np.int64(qs[dst]["net_offload"]) != 0:
+            return _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, h0, h1)
+        if need != 0:  # dst takes it as it is
+            ob[4][O_GSO_PASSED if need & (OFF_TSO4 | OFF_TSO6) else O_CSUM_PASSED] += 1
+            h0 &= ~np.uint64(0xFE)  # only NEEDS_CSUM is meaningful from a driver (§5.1.6.2.1)
+        else:  # DATA_VALID or other flags a driver must not send: nothing to do
+            h0 = np.uint64(0)
+            h1 = np.uint16(0)
+    else:
+        h0 = np.uint64(0)  # gso_type NONE: the other fields mean nothing (§5.1.6.2)
+        h1 = np.uint16(0)
+    return _count(counters, dst, _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1), flen)
+
+
+@kernel
+def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, h0, h1):
+    """The offload dst did not negotiate, done in software on a private copy of the frame: the
+    checksum filled in, or the TCP super-frame cut into segments (each in its own RX chain(s))."""
+    lin, seg, p_hva, p_len, ostats = ob
+    if flen > np.uint64(FRAME_MAX):
+        ostats[O_BAD] += 1
+        counters[dst, C_DROPS] += 1
+        return 0
+    p_hva[0] = np.uint64(lin.ctypes.data)
+    p_len[0] = np.uint64(FRAME_MAX)
+    _copy_frame(s_hva, s_len, ns, hl, p_hva, p_len, 0, flen)  # from here on the guest can't change it
+    gso = np.int64((h0 >> np.uint64(8)) & np.uint64(0x7F))
+    if gso == GSO_NONE:
+        if complete_csum(lin, flen, np.int64(h0 >> np.uint64(48)), np.int64(h1)) < 0:
+            ostats[O_BAD] += 1
+            counters[dst, C_DROPS] += 1
+            return 0
+        ostats[O_CSUM] += 1
+        p_len[0] = flen
+        return _count(counters, dst, _deliver(qs, regions, dst, p_hva, p_len, 1, 0, flen, sc, np.uint64(0),
+                                                  np.uint16(0)), flen)
+    mss = np.int64((h0 >> np.uint64(32)) & np.uint64(0xFFFF))
+    nseg, l3, l4, hdrs, v6 = gso_plan(lin, flen, np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF)), mss,
+                                          seg.shape[0])
+    if nseg < 0:
+        ostats[O_BAD] += 1
+        counters[dst, C_DROPS] += 1
+        return 0
+    ostats[O_GSO] += 1
+    p_hva[0] = np.uint64(seg.ctypes.data)
+    sent = 0
+    for i in range(nseg):
+        n = make_segment(lin, flen, l3, l4, hdrs, v6, mss, i, nseg, seg)
+        if n < 0:  # cannot happen after gso_plan; stop rather than deliver garbage
+            break
+        p_len[0] = np.uint64(n)
+        r = _deliver(qs, regions, dst, p_hva, p_len, 1, 0, np.uint64(n), sc, np.uint64(0), np.uint16(0))
+        if r < 0:
+            return r
+        if r == 0:  # no room: the later segments would not fit either
+            counters[dst, C_DROPS] += np.uint64(nseg - i)
+            break
+        counters[dst, C_PACKETS] += 1
+        counters[dst, C_BYTES] += np.uint64(n)
+        ostats[O_SEGMENTS] += 1
+        sent += 1
+    return sent
 
 
 @kernel
@@ -162,10 +302,13 @@ def _byte_at(s_hva, s_len, ns, off):
 @kernel
 def too_long(qs, src, s_hva, s_len, ns, hl, flen):
     """Whether a frame of ``flen`` bytes from TX ring ``src`` exceeds its port's MTU (max_frame =
-    MTU + 14; 4 bytes more for a frame with one VLAN tag: 802.1Q 0x8100 or 802.1ad 0x88a8)."""
+    MTU + 14; 4 bytes more for a frame with one VLAN tag: 802.1Q 0x8100 or 802.1ad 0x88a8).
+    GSO super-frames are exempt (devices.offload bounds them)."""
     limit = np.uint64(qs[src]["max_frame"])
     if limit == 0 or flen <= limit:
         return False
+    if hl >= 10 and _byte_at(s_hva, s_len, ns, np.uint64(1)) != 0:
+        return False  # a TCP super-frame (gso_type set): its segments are what the MTU bounds
     if flen > limit + np.uint64(4):
         return True
     t = (np.uint32(_byte_at(s_hva, s_len, ns, hl + np.uint64(12))) << np.uint32(8)) | np.uint32(
@@ -194,7 +337,7 @@ def begin_batch(qs, counters, regions, q, burst, write):
 
 
 @kernel
-def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap):
+def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
     n = begin_batch(qs, counters, regions, src, burst, 0)
     if n <= 0:
@@ -237,15 +380,11 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
             if dst >= 0:
                 counters[dst, C_DROPS] += 1
             continue
-        r = _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc)
+        r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob)
         if r > 0:
-            counters[dst, C_PACKETS] += 1
-            counters[dst, C_BYTES] += flen
             if capturing:
                 capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
-        elif r == 0:
-            counters[dst, C_DROPS] += 1
-        else:
+        elif r < 0:
             _mark_broken(qs, counters, dst, -r)
             dst_ok = False
     finish(qs, src, counters, one)
@@ -269,7 +408,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
             seq = counters[dst, C_PACKETS]
             for b in range(4):
                 frame[42 + b] = (seq >> (8 * b)) & 0xFF
-        r = _deliver(qs, regions, dst, s_hva, s_len, 1, 0, flen, sc)
+        r = _deliver(qs, regions, dst, s_hva, s_len, 1, 0, flen, sc, np.uint64(0), np.uint16(0))
         if r > 0:
             counters[dst, C_PACKETS] += 1
             counters[dst, C_BYTES] += flen
@@ -286,7 +425,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
 
 
 @njit(nogil=True, cache=True)
-def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy, cap):
+def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy, cap, ostats):
     """The net data plane: run every link, round after round, until told to stop.
 
     Self-measurement (as testpmd's --record-burst-stats / --record-core-cycles): polls[n]
@@ -299,6 +438,7 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
     sc = new_scratch()
+    ob = new_offload_scratch(ostats)
     idle = 0
     while running(ctrl):
         work = 0
@@ -310,9 +450,21 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
             if mode == MODE_SOURCE:
                 done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap)
             else:
-                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, cap)
+                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap)
             work += account_poll(polls, busy, burst, done, t0)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
+
+
+def offloads_taken(features: int) -> int:
+    """The OFF_* bits of a driver's negotiated features: what its RX vrings take as-is.
+    GSO needs GUEST_CSUM too (§5.1.3.1), so without it nothing is taken."""
+    if not features & F.NET_GUEST_CSUM:
+        return 0
+    off = OFF_CSUM
+    off |= OFF_TSO4 if features & F.NET_GUEST_TSO4 else 0
+    off |= OFF_TSO6 if features & F.NET_GUEST_TSO6 else 0
+    off |= OFF_ECN if features & F.NET_GUEST_ECN else 0
+    return off
 
 
 def test_frame(size: int) -> np.ndarray:
@@ -357,6 +509,7 @@ class NetDevice(Device):
         self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
         self.polls = np.zeros(burst + 1, np.int64)
         self.busy = np.zeros(2, np.uint64)
+        self.ostats = np.zeros(len(OSTAT_NAMES), np.uint64)
         self.worker = Worker("net", net_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
 
     def _links(self) -> np.ndarray:
@@ -378,7 +531,7 @@ class NetDevice(Device):
 
     def _args(self) -> tuple:
         return (self.qstate, self.counters, self.regions, self.links, self.watch, self.frame, self.burst,
-                self.polls, self.busy, self.cap)
+                self.polls, self.busy, self.cap, self.ostats)
 
     def poll_stats(self) -> dict[str, float]:
         """Share of empty polls and cycles (and ns) per frame in polls that found work."""
@@ -404,6 +557,7 @@ class NetDevice(Device):
         self.qstate[row]["mrg_rxbuf"] = 1 if features & F.NET_MRG_RXBUF else 0
         mtu = self.port_mtu(row // self.nvq)
         self.qstate[row]["max_frame"] = mtu + ETH_HLEN if mtu else 0
+        self.qstate[row]["net_offload"] = offloads_taken(features)
 
     # ---- MTU: --mtu for every port, NET_SET_MTU for one connection ----
     def _init_mtu(self, mtu: int) -> None:
@@ -434,6 +588,18 @@ class NetDevice(Device):
         if offset < 0 or size < 0 or offset + size > 256:
             return None
         return (cfg + bytes(256))[offset : offset + size]
+
+    def offload_stats(self) -> dict[str, int]:
+        """Frames whose offload request was passed through (partial checksum only, or TCP
+        super-frames), completed (checksums, super-frames segmented and the segments they became)
+        or dropped as bad (devices.offload)."""
+        return {n: int(v) for n, v in zip(OSTAT_NAMES, self.ostats, strict=True)}
+
+    def sample_extra(self) -> dict:
+        return {"offload": self.offload_stats()}
+
+    def summary_lines(self) -> list[str]:
+        return ["offload: " + " ".join(f"{k}={v}" for k, v in self.offload_stats().items())]
 
     def port_counters(self, port: int) -> dict[str, int]:
         """rx = frames delivered to the driver, tx = frames taken from it, drops = frames lost toward it."""

@@ -33,13 +33,15 @@ from devices.net import (
     NET_FEATURES,
     NET_PROTOCOL_FEATURES,
     NetDevice,
-    _deliver,
     _mark_broken,
     _ready,
+    _send,
     begin_batch,
+    new_offload_scratch,
     new_scratch,
     too_long,
 )
+from devices.offload import OSTAT_NAMES
 from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
 from vring.jit import kernel
@@ -166,7 +168,7 @@ def _rx_row(qs, rx_rows, port, k):
 
 
 @kernel
-def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt, cap):
+def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt, cap):
     """Deliver one frame into RX vring ``row``, beginning its batch if this is its first frame.
     Returns the new number of touched rows."""
     if not began[row]:
@@ -178,21 +180,17 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, 
         began[row] = 1
         touched[nt] = row
         nt += 1
-    r = _deliver(qs, regions, row, s_hva, s_len, ns, hl, flen, sc)
+    r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob)  # counts packets, bytes, drops
     if r > 0:
-        counters[row, C_PACKETS] += 1
-        counters[row, C_BYTES] += flen
         if cap[0][K_PORTS] != 0:
             capture(cap[0], cap[1], cap[2], row, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
-    elif r == 0:
-        counters[row, C_DROPS] += 1
-    else:
+    elif r < 0:
         _mark_broken(qs, counters, row, -r)
     return nt
 
 
 @kernel
-def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, began, touched,
+def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob, began, touched,
                  mac_key, mac_port, mac_seen, params, st, cap):
     """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them."""
     src = tx_rows[port, k]
@@ -239,7 +237,7 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
             if row < 0:
                 counters[rx_rows[out, 0], C_DROPS] += 1
             else:
-                nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt, cap)
+                nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt, cap)
         else:
             st[S_FLOODED] += 1
             for p in range(nports):
@@ -247,7 +245,7 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
                     continue
                 row = _rx_row(qs, rx_rows, p, k)
                 if row >= 0:
-                    nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, began, touched, nt,
+                    nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt,
                                   cap)
     finish(qs, src, counters, one)
     for i in range(nt):
@@ -259,7 +257,7 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
 
 @njit(nogil=True, cache=True)
 def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac_key, mac_port, mac_seen, params,
-                st, polls, busy, cap):
+                st, polls, busy, cap, ostats):
     """The switch data plane: every TX queue of every port, round after round, until told to stop."""
     one = np.ones(1, np.uint64)
     buf = np.zeros(1, np.uint64)
@@ -267,6 +265,7 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
     s_hva = np.zeros(MAX_SEGS, np.uint64)
     s_len = np.zeros(MAX_SEGS, np.uint64)
     sc = new_scratch()
+    ob = new_offload_scratch(ostats)
     began = np.zeros(qs.shape[0], np.uint8)
     touched = np.zeros(qs.shape[0], np.int64)
     idle = 0
@@ -275,7 +274,7 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
         for k in range(tx_rows.shape[1]):
             for p in range(tx_rows.shape[0]):
                 t0 = cycles()
-                done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc,
+                done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob,
                                     began, touched, mac_key, mac_port, mac_seen, params, st, cap)
                 work += account_poll(polls, busy, burst, done, t0)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
@@ -323,6 +322,7 @@ class SwitchDevice(NetDevice):
         self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
         self.polls = np.zeros(burst + 1, np.int64)
         self.busy = np.zeros(2, np.uint64)
+        self.ostats = np.zeros(len(OSTAT_NAMES), np.uint64)
         self.worker = Worker("switch", switch_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
 
     @property
@@ -340,7 +340,7 @@ class SwitchDevice(NetDevice):
     def _args(self) -> tuple:
         return (self.qstate, self.counters, self.regions, self.rx_rows, self.tx_rows, self.watch, self.burst,
                 self.mac_key, self.mac_port, self.mac_seen, self.params, self.swstats, self.polls, self.busy,
-                self.cap)
+                self.cap, self.ostats)
 
     def mac_table(self) -> list[dict]:
         """Live entries (not aged out), sorted by port then MAC: {"mac", "port", "age_s"}.
@@ -378,10 +378,10 @@ class SwitchDevice(NetDevice):
         super().disconnected(port)
 
     def sample_extra(self) -> dict:
-        return {"mac_table": self.mac_table(), "switch": self.switch_stats()}
+        return {"mac_table": self.mac_table(), "switch": self.switch_stats(), "offload": self.offload_stats()}
 
     def summary_lines(self) -> list[str]:
-        lines = ["switch: " + " ".join(f"{k}={v}" for k, v in self.switch_stats().items())]
+        lines = ["switch: " + " ".join(f"{k}={v}" for k, v in self.switch_stats().items()), *super().summary_lines()]
         lines += [f"mac {e['mac']} port={e['port']} age_s={e['age_s']}" for e in self.mac_table()]
         return lines
 

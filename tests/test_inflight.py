@@ -83,7 +83,7 @@ def test_kernels_mark_unmark_link_and_clear():
     k = KernelRig()
     head, desc = views(k.area)
     heads = k.post(6)
-    assert begin(k.qs, 0) == 6
+    assert begin(k.qs, 0, 64) == 6
     c0 = cursor(k.qs, 0)
     got = [k.pop() for _ in range(4)]
     assert got == heads[:4]
@@ -99,7 +99,7 @@ def test_kernels_mark_unmark_link_and_clear():
     # the last-batch list: last_batch_head is the batch's last head, linked back to its first
     assert int(head["last_batch_head"]) == got[1] and int(desc[got[1]]["next"]) == got[0]
     # the rolled-back chains come again, next in counter order
-    assert begin(k.qs, 0) == 4
+    assert begin(k.qs, 0, 64) == 4
     assert [k.pop(), k.pop()] == heads[2:4]
     assert [int(desc[h]["counter"]) for h in heads[2:4]] == [5, 6]
     k.fe.close()

@@ -64,6 +64,7 @@ QSTATE = np.dtype(
         ("broken", "<u4"),  # 0 or a BROKEN_* reason code
         ("hdr_len", "<u4"),  # device-specific: virtio-net header length
         ("mrg_rxbuf", "<u4"),
+        ("net_offload", "<u4"),  # virtio-net RX: offloads the driver takes as-is (devices.offload OFF_*)
         ("kicks_on", "<u4"),  # 1 while we asked the driver for kicks (idle sleep)
         ("packed", "<u4"),  # 1: packed ring (VIRTIO_F_RING_PACKED), 0: split
         ("avail_wrap", "<u4"),  # packed: the driver's wrap counter at last_avail_idx
