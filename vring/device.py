@@ -53,6 +53,11 @@ class Device:
     def get_config(self, port: int, offset: int, size: int) -> bytes | None:
         return None
 
+    def announce(self, port: int, mac: bytes) -> bool:
+        """SEND_RARP after a live migration: make the network learn ``mac`` behind ``port``.
+        False if the device has no network to announce to."""
+        return False
+
     def disconnected(self, port: int) -> None:
         """A front-end left ``port`` (its rings are already stopped and its memory unmapped)."""
 
