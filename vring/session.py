@@ -409,6 +409,8 @@ class Session:
             new.close()
             raise Failed(f"log of {int(m['size'])} bytes does not cover guest memory up to {end:#x}")
         with self.dev.paused():
+            for i in range(len(self.vrings)):
+                self._sync(i)  # _apply restarts each ring where _sync saw it
             old, self.log = self.log, new
             self._refresh_all()
         if old is not None:
