@@ -414,6 +414,7 @@ class NetDevice(Device):
         """SEND_RARP: send a RARP frame from ``mac`` where a frame sent on ``port`` would go."""
         frame = rarp_frame(mac)
         tx = self.row(port, 1)
+        inject(self.qstate, self.counters, self.regions, -1, frame, self.cap)  # compile (or load) it unpaused
         with self.paused():
             for src, dst, mode in self.links:
                 if src == tx and mode == MODE_FORWARD:

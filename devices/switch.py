@@ -281,7 +281,9 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
 @njit(nogil=True, cache=True)
 def switch_inject(qs, counters, regions, port, rx_rows, mac_key, mac_port, mac_seen, params, st, frame, cap):
     """A broadcast ``frame`` (no virtio header) entering on ``port``: learn its source, flood it.
-    From the control plane with the data plane paused (SEND_RARP)."""
+    From the control plane with the data plane paused (SEND_RARP); port -1 does nothing."""
+    if port < 0:
+        return 0
     one = np.ones(1, np.uint64)
     s_hva = np.full(1, np.uint64(frame.ctypes.data), np.uint64)
     s_len = np.full(1, np.uint64(frame.shape[0]), np.uint64)
@@ -398,9 +400,11 @@ class SwitchDevice(NetDevice):
 
     def announce(self, port: int, mac: bytes) -> bool:
         """SEND_RARP: the migrated guest's MAC is now behind ``port``: learn it there and flood a RARP."""
+        args = (self.qstate, self.counters, self.regions, port, self.rx_rows, self.mac_key, self.mac_port,
+                self.mac_seen, self.params, self.swstats, rarp_frame(mac), self.cap)
+        switch_inject(*args[:3], -1, *args[4:])  # compile (or load) it before pausing the data plane
         with self.paused():
-            switch_inject(self.qstate, self.counters, self.regions, port, self.rx_rows, self.mac_key, self.mac_port,
-                          self.mac_seen, self.params, self.swstats, rarp_frame(mac), self.cap)
+            switch_inject(*args)
         return True
 
     def disconnected(self, port: int) -> None:
