@@ -243,6 +243,10 @@ class Session:
     def _apply_log(self, q: np.void, v: Vring) -> None:
         """Logging fields of a queue record: on while LOG_ALL is negotiated and a log is mapped."""
         on = self.log is not None and bool(self.features & F.LOG_ALL)
+        if q["log_miss"]:  # the kernels count, the control plane reports (never per packet)
+            log.warning("%s: %d writes into guest memory could not be logged (log too small for the memory)",
+                        self.name, int(q["log_miss"]))
+            q["log_miss"] = 0
         q["log_base"] = self.log.hva if on else 0
         q["log_size"] = self.log.size if on else 0
         ring = on and v.addr is not None and bool(int(v.addr["flags"]) & P.VRING_F_LOG)
