@@ -39,6 +39,7 @@ from devices.offload import (
 )
 from vring.dataplane import Worker, account_poll, end_round, running
 from vring.device import Device
+from vring.dirtylog import log_pieces
 from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import copy_bytes, cycles, load_u8, load_u16, load_u64, store_u16, store_u64
@@ -64,11 +65,15 @@ NET_OFFLOADS = (
     | F.NET_GUEST_TSO4 | F.NET_GUEST_TSO6 | F.NET_GUEST_ECN
 )
 # IN_ORDER holds by construction: every chain is completed, in order, in the batch that popped it
+# LOG_ALL + LOG_SHMFD: live migration (vring.dirtylog); GUEST_ANNOUNCE and RARP: re-teaching the
+# network where the guest is afterwards (QEMU handles the guest's announce on its control queue)
 NET_FEATURES = (
     F.VERSION_1 | F.NET_MRG_RXBUF | F.RING_INDIRECT_DESC | F.RING_EVENT_IDX | F.PROTOCOL_FEATURES | F.ANY_LAYOUT
-    | F.RING_PACKED | F.IN_ORDER | F.NET_MTU | NET_OFFLOADS
+    | F.RING_PACKED | F.IN_ORDER | F.NET_MTU | NET_OFFLOADS | F.LOG_ALL | F.NET_GUEST_ANNOUNCE
 )
-NET_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.INFLIGHT_SHMFD | PF.NET_MTU
+NET_PROTOCOL_FEATURES = (
+    PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.STATUS | PF.INFLIGHT_SHMFD | PF.NET_MTU | PF.LOG_SHMFD | PF.RARP
+)
 
 
 @kernel
@@ -181,6 +186,8 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
         c_len[0] = hl
         _copy_frame(c_hva, c_len, 1, 0, d_hva, d_len, 0, hl)
     _copy_frame(s_hva, s_len, ns, src_hdr, d_hva, d_len, hl, flen)
+    if qs[dst]["log_base"] != 0:  # migrating: the front-end must re-copy the pages we wrote
+        log_pieces(qs, dst, regions, d_hva, d_len, need)
     rem = need
     for k in range(nch):
         used = min(rx_caps[k], rem)
@@ -467,6 +474,43 @@ def offloads_taken(features: int) -> int:
     return off
 
 
+@njit(nogil=True, cache=True)
+def inject(qs, counters, regions, dst, frame, cap):
+    """Deliver ``frame`` (no virtio header) into RX vring ``dst`` as one batch, from the control
+    plane with the data plane paused (SEND_RARP). Returns chains used, 0 (dropped) or -1."""
+    if not _ready(qs, dst):
+        return -1
+    b = begin(qs, dst, 1)
+    if b < 0:
+        _mark_broken(qs, counters, dst, -b)
+        return -1
+    one = np.ones(1, np.uint64)
+    s_hva = np.full(1, np.uint64(frame.ctypes.data), np.uint64)
+    s_len = np.full(1, np.uint64(frame.shape[0]), np.uint64)
+    flen = np.uint64(frame.shape[0])
+    r = _deliver(qs, regions, dst, s_hva, s_len, 1, 0, flen, new_scratch(), np.uint64(0), np.uint16(0))
+    if r > 0:
+        counters[dst, C_PACKETS] += 1
+        counters[dst, C_BYTES] += flen
+        if cap[0][K_PORTS] != 0:
+            capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, 1, 0, flen)
+    elif r == 0:
+        counters[dst, C_DROPS] += 1
+    else:
+        _mark_broken(qs, counters, dst, -r)
+    finish(qs, dst, counters, one)
+    return r
+
+
+def rarp_frame(mac: bytes) -> np.ndarray:
+    """The broadcast RARP request a migrated guest's MAC is announced with (as DPDK's
+    make_rarp_packet and QEMU's announce_self): switches learn ``mac`` from its source."""
+    eth = b"\xff" * 6 + mac + b"\x80\x35"  # ETH_P_RARP
+    # htype 1 (Ethernet), ptype IPv4, hlen 6, plen 4, op 3 (reverse request); sender = target = mac
+    arp = b"\x00\x01\x08\x00\x06\x04\x00\x03" + mac + bytes(4) + mac + bytes(4)
+    return np.frombuffer((eth + arp).ljust(60, b"\x00"), np.uint8).copy()
+
+
 def test_frame(size: int) -> np.ndarray:
     """A broadcast Ethernet/IPv4/UDP frame of ``size`` bytes (the source mode's template)."""
     size = max(size, 60)
@@ -550,6 +594,17 @@ class NetDevice(Device):
 
     def queue_num(self) -> int:
         return self.queues  # virtio-net counts queue pairs (as DPDK and QEMU do)
+
+    def announce(self, port: int, mac: bytes) -> bool:
+        """SEND_RARP: send a RARP frame from ``mac`` where a frame sent on ``port`` would go."""
+        frame = rarp_frame(mac)
+        tx = self.row(port, 1)
+        inject(self.qstate, self.counters, self.regions, -1, frame, self.cap)  # compile (or load) it unpaused
+        with self.paused():
+            for src, dst, mode in self.links:
+                if src == tx and mode == MODE_FORWARD:
+                    inject(self.qstate, self.counters, self.regions, int(dst), frame, self.cap)
+        return True
 
     def setup_queue(self, row: int, features: int) -> None:
         v1 = features & (F.VERSION_1 | F.NET_MRG_RXBUF)

@@ -40,6 +40,7 @@ from devices.net import (
     new_offload_scratch,
     new_scratch,
     too_long,
+    rarp_frame,
 )
 from devices.offload import OSTAT_NAMES
 from vring.dataplane import Worker, account_poll, end_round, running
@@ -280,6 +281,36 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
 
 
+@njit(nogil=True, cache=True)
+def switch_inject(qs, counters, regions, port, rx_rows, mac_key, mac_port, mac_seen, params, st, frame, cap):
+    """A broadcast ``frame`` (no virtio header) entering on ``port``: learn its source, flood it.
+    From the control plane with the data plane paused (SEND_RARP); port -1 does nothing."""
+    if port < 0:
+        return 0
+    one = np.ones(1, np.uint64)
+    s_hva = np.full(1, np.uint64(frame.ctypes.data), np.uint64)
+    s_len = np.full(1, np.uint64(frame.shape[0]), np.uint64)
+    flen = np.uint64(frame.shape[0])
+    sc = new_scratch()
+    ob = new_offload_scratch(np.zeros(len(OSTAT_NAMES), np.uint64))  # a RARP carries no offload: never used
+    began = np.zeros(qs.shape[0], np.uint8)
+    touched = np.zeros(qs.shape[0], np.int64)
+    _dmac, smac = frame_macs(s_hva, s_len, 1, 0)
+    if not _is_multicast(smac):
+        learn(mac_key, mac_port, mac_seen, smac, port, cycles(), params[P_AGE], st)
+    st[S_FLOODED] += 1
+    nt = 0
+    for p in range(rx_rows.shape[0]):
+        if p == port:
+            continue
+        row = _rx_row(qs, rx_rows, p, 0)
+        if row >= 0:
+            nt = _to_port(qs, counters, regions, row, s_hva, s_len, 1, 0, flen, sc, ob, began, touched, nt, cap)
+    for i in range(nt):
+        finish(qs, touched[i], counters, one)
+    return nt
+
+
 def mac_str(mac: int) -> str:
     return ":".join(f"{(mac >> (8 * (5 - i))) & 0xFF:02x}" for i in range(6))
 
@@ -372,6 +403,15 @@ class SwitchDevice(NetDevice):
             self.mac_key[sel] = 0
             self.mac_port[sel] = -1
             self.mac_seen[sel] = 0
+
+    def announce(self, port: int, mac: bytes) -> bool:
+        """SEND_RARP: the migrated guest's MAC is now behind ``port``: learn it there and flood a RARP."""
+        args = (self.qstate, self.counters, self.regions, port, self.rx_rows, self.mac_key, self.mac_port,
+                self.mac_seen, self.params, self.swstats, rarp_frame(mac), self.cap)
+        switch_inject(*args[:3], -1, *args[4:])  # compile (or load) it before pausing the data plane
+        with self.paused():
+            switch_inject(*args)
+        return True
 
     def disconnected(self, port: int) -> None:
         self.flush(port)  # link down: frames for its MACs flood again instead of dying at an empty port

@@ -57,6 +57,11 @@ class Device:
         """NET_SET_MTU (an MTU already range-checked): False if the device has no MTU."""
         return False
 
+    def announce(self, port: int, mac: bytes) -> bool:
+        """SEND_RARP after a live migration: make the network learn ``mac`` behind ``port``.
+        False if the device has no network to announce to."""
+        return False
+
     def disconnected(self, port: int) -> None:
         """A front-end left ``port`` (its rings are already stopped and its memory unmapped)."""
 

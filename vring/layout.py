@@ -83,6 +83,14 @@ QSTATE = np.dtype(
         ("inflight", "<u8"),
         ("inflight_counter", "<u8"),
         ("max_frame", "<u4"),  # virtio-net TX: longest frame accepted (MTU + 14), 0: no limit
+        # live migration (vring.dirtylog): while the front-end logs (VHOST_F_LOG_ALL + a log from
+        # SET_LOG_BASE), every byte we write into guest memory marks its 4 KiB page in the log
+        ("log_base", "<u8"),  # host address of the dirty bitmap, 0 while logging is off
+        ("log_size", "<u8"),  # its length in bytes: pages beyond size * 8 are not logged (log_miss)
+        ("log_used", "<u8"),  # guest-physical address of the part of the ring we write (split: used ring)
+        ("log_desc", "<u8"),  # packed: guest-physical address of the descriptor ring (written back)
+        ("log_ring", "<u4"),  # 1: log ring writes too (SET_VRING_ADDR flag VHOST_VRING_F_LOG)
+        ("log_miss", "<u4"),  # writes that could not be logged (page beyond the log, address unmapped)
     ],
     align=True,
 )

@@ -126,6 +126,13 @@ class GuestMemory:
                 return r.hva + off
         raise MemoryError_(f"front-end address {uaddr:#x}+{length:#x} is not inside one region")
 
+    def uaddr_to_gpa(self, uaddr: int) -> int | None:
+        """Guest-physical address of front-end virtual address ``uaddr``, or None if unmapped."""
+        for r in self.regions:
+            if 0 <= uaddr - r.uaddr < r.size:
+                return r.gpa + (uaddr - r.uaddr)
+        return None
+
     def gpa_pieces(self, gpa: int, length: int) -> list[tuple[Region, int, int]]:
         """Guest-physical range as contiguous (region, offset, length) pieces; raises if any byte is unmapped."""
         pieces = []

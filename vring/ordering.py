@@ -78,6 +78,20 @@ store_i64_release = _storer(types.int64, "release")
 
 
 @intrinsic
+def atomic_or_u8(typingctx, addr, value):
+    """*addr |= value as one atomic read-modify-write: the dirty log is shared with a front-end
+    that reads and clears it concurrently (a plain OR could undo its clear or lose our bit)."""
+    sig = types.void(types.uint64, types.uint8)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        builder.atomic_rmw("or", ptr, args[1], "monotonic")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def fence_seq_cst(typingctx):
     """Full barrier: orders our used-idx store before the used_event / flags load (EVENT_IDX)."""
     sig = types.void()

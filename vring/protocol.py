@@ -20,6 +20,7 @@ MAX_FDS = 8  # spec: at most 8 fds in one message
 MAX_PAYLOAD = 4096  # larger than any payload vring accepts; bigger means a broken stream
 VRING_NOFD = 1 << 8  # SET_VRING_KICK/CALL/ERR: no fd (polling)
 VRING_IDX_MASK = 0xFF
+VRING_F_LOG = 1 << 0  # SET_VRING_ADDR flags: log used-ring writes at log_guest_addr
 MAX_MEM_REGIONS = 8  # SET_MEM_TABLE carries at most 8 regions
 MIN_MTU, MAX_MTU = 68, 65535  # NET_SET_MTU: IPv4's minimum; virtio_net_config.mtu is a u16
 
@@ -95,6 +96,7 @@ class F(enum.IntFlag):
     NET_GUEST_ANNOUNCE = 1 << 21
     NET_MQ = 1 << 22
     NOTIFY_ON_EMPTY = 1 << 24
+    LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL: log every write into guest memory (live migration)
     ANY_LAYOUT = 1 << 27
     RING_INDIRECT_DESC = 1 << 28
     RING_EVENT_IDX = 1 << 29

@@ -11,6 +11,7 @@ import numpy as np
 from vring import inflight as I
 from vring import packed as P
 from vring import split as S
+from vring.dirtylog import log_packed_used, log_ring, log_split_used
 from vring.jit import kernel
 from vring.layout import C_BATCHES, C_CALLS
 from vring.ordering import load_u16, load_u64, prefetch_read, prefetch_write, sys_write
@@ -85,19 +86,25 @@ def put_used(qs, q, buf_id, length, ndesc):
 
 @kernel
 def publish(qs, q):
-    """Commit the batch: pops consumed, used elements visible to the driver."""
+    """Commit the batch: pops consumed, used elements visible to the driver (and logged, while migrating)."""
+    old = qs[q]["used_idx"]
+    used = qs[q]["u_count"]
     if qs[q]["packed"]:
         P.publish(qs, q)
+        if qs[q]["log_base"] != 0:
+            log_packed_used(qs, q, old, qs[q]["used_idx"], used)
     else:
-        tracked = qs[q]["inflight"] != 0 and qs[q]["u_count"] > 0
+        tracked = qs[q]["inflight"] != 0 and used > 0
         if tracked:
-            I.link_batch(qs, q, qs[q]["u_count"])
-        S.publish_used(qs, q, qs[q]["t_count"], qs[q]["u_count"])
+            I.link_batch(qs, q, used)
+        S.publish_used(qs, q, qs[q]["t_count"], used)
         if tracked:
-            I.clear_batch(qs, q, qs[q]["u_count"])
+            I.clear_batch(qs, q, used)
         qs[q]["t_count"] = 0
         qs[q]["u_count"] = 0
         qs[q]["avail_cache"] = 0
+        if qs[q]["log_base"] != 0 and used > 0:
+            log_split_used(qs, q, old, used)
 
 
 @kernel
@@ -125,8 +132,12 @@ def finish(qs, q, counters, one):
 def set_kicks(qs, q, on):
     if qs[q]["packed"]:
         P.set_kicks(qs, q, on)
+        log_ring(qs, q, 2, 2)  # device event flags
     else:
         S.set_kicks(qs, q, on)
+        log_ring(qs, q, 0, 2)  # used flags
+        if qs[q]["event_idx"]:
+            log_ring(qs, q, 4 + 8 * np.int64(qs[q]["size"]), 2)  # avail_event
 
 
 @kernel

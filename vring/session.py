@@ -19,6 +19,7 @@ import numpy as np
 from vring import inflight
 from vring import protocol as P
 from vring.device import Device
+from vring.dirtylog import DirtyLog, LogError
 from vring.layout import (
     AVAIL_ALIGN,
     DESC_ALIGN,
@@ -91,6 +92,7 @@ class Session:
         # (gpa, size, uaddr) -> extra ADD_MEM_REGs of an already mapped region (see _add_mem_reg)
         self.mem_dups: dict[tuple[int, int, int], int] = {}
         self.inflight: inflight.Area | None = None  # GET/SET_INFLIGHT_FD
+        self.log: DirtyLog | None = None  # SET_LOG_BASE: the front-end's dirty bitmap (live migration)
 
     # ---- I/O ----
     def _send(self, request: int, payload: bytes | np.ndarray, fds: list[int] | None = None) -> None:
@@ -225,6 +227,7 @@ class Session:
         q["kick_fd"] = v.kick
         q["call_fd"] = v.call
         q["mem"] = self.port
+        self._apply_log(q, v)
         if not (v.started and v.enabled and v.num and v.addr is not None and len(self.mem)):
             return
         packed = bool(self.features & F.RING_PACKED)
@@ -284,6 +287,21 @@ class Session:
             log.info("%s: vring %d: %d chain(s) were in flight: resubmitted in counter order from used idx %d",
                      self.name, index, n, int(q["used_idx"]))
         q["inflight"] = a.addr(index)
+
+    def _apply_log(self, q: np.void, v: Vring) -> None:
+        """Logging fields of a queue record: on while LOG_ALL is negotiated and a log is mapped."""
+        on = self.log is not None and bool(self.features & F.LOG_ALL)
+        if q["log_miss"]:  # the kernels count, the control plane reports (never per packet)
+            log.warning("%s: %d writes into guest memory could not be logged (log too small for the memory)",
+                        self.name, int(q["log_miss"]))
+            q["log_miss"] = 0
+        q["log_base"] = self.log.hva if on else 0
+        q["log_size"] = self.log.size if on else 0
+        ring = on and v.addr is not None and bool(int(v.addr["flags"]) & P.VRING_F_LOG)
+        q["log_ring"] = int(ring)
+        q["log_used"] = int(v.addr["log"]) if ring else 0
+        desc = self.mem.uaddr_to_gpa(int(v.addr["desc"])) if ring else None
+        q["log_desc"] = desc or 0  # packed rings write used elements back into the descriptor ring
 
     def _start_common(self, q: np.void, row: int, num: int) -> None:
         q["size"] = num
@@ -430,6 +448,36 @@ class Session:
             raise Failed(f"no region at gpa={int(r['gpa']):#x}")
         log.info("%s: memory region removed gpa=%#x (%d left)", self.name, int(r["gpa"]), len(self.mem))
 
+    def _set_log_base(self, payload, fds):
+        if not self.protocol_features & PF.LOG_SHMFD:
+            raise Failed("SET_LOG_BASE without LOG_SHMFD (a log in shared memory) negotiated")
+        m = P.parse(P.LOG, payload)
+        try:
+            new = DirtyLog(self._take_fd(fds), int(m["size"]), int(m["offset"]))
+        except LogError as e:
+            raise Failed(str(e)) from None
+        end = max((r.gpa + r.size for r in self.mem.regions), default=0)
+        if not new.covers(end):
+            new.close()
+            raise Failed(f"log of {int(m['size'])} bytes does not cover guest memory up to {end:#x}")
+        with self.dev.paused():
+            for i in range(len(self.vrings)):
+                self._sync(i)  # _apply restarts each ring where _sync saw it
+            old, self.log = self.log, new
+            self._refresh_all()
+        if old is not None:
+            old.close()
+        log.info("%s: dirty log of %d bytes (covers %d MiB)", self.name, new.size, new.size * 8 * 4096 >> 20)
+        return P.u64(0)  # with LOG_SHMFD the front-end waits for this reply (QEMU ignores its payload)
+
+    def _send_rarp(self, payload, fds):
+        if not self.protocol_features & PF.RARP:
+            raise Failed("SEND_RARP without the RARP protocol feature")
+        mac = bytes(payload[:6])  # the guest's MAC in the first 6 bytes of the u64 (QEMU: memcpy)
+        if not self.dev.announce(self.port, mac):
+            raise Failed("this device can't announce a MAC")
+        log.info("%s: announced %s after migration (RARP)", self.name, mac.hex(":"))
+
     def _set_vring_num(self, payload, fds):
         s = P.parse(P.VRING_STATE, payload)
         v = self._vring(int(s["index"]))
@@ -554,12 +602,15 @@ class Session:
     def reset(self) -> None:
         """Stop every ring and forget the negotiation (RESET_OWNER / RESET_DEVICE)."""
         with self.dev.paused():
+            dirty_log, self.log = self.log, None
             for i, v in enumerate(self.vrings):
                 for fd in (v.kick, v.call, v.err):
                     if fd >= 0:
                         os.close(fd)
                 self.vrings[i] = Vring()
                 self._apply(i)
+            if dirty_log is not None:  # every queue record let go of it above
+                dirty_log.close()
         self._replace_inflight(None)  # a reset device starts with a new area (spec: GET_INFLIGHT_FD)
         self.features = 0
         self.features_set = False

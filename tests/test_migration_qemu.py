@@ -1,0 +1,104 @@
+"""Live migration of a QEMU Linux guest (TCG) whose NIC is on vring, while another guest pings it.
+
+Topology: one ``vring switch`` with three ports: P (the pinging guest), G-src (the guest to
+migrate) and G-dst (the same guest's NIC in the destination QEMU, started with ``-incoming``).
+Each QEMU has its own vhost-user connection (its own session, rings, memory table and dirty
+log); they share the switch process so that P reaches G before and after the move.
+
+P waits until G answers, then pings it COUNT times at INTERVAL. Meanwhile the source QEMU is
+told ``migrate`` (HMP); QEMU accepts only because vring offers VHOST_F_LOG_ALL and LOG_SHMFD
+(it blocks migration otherwise), sends SET_LOG_BASE and logs through the whole transfer. The
+migration must complete while P still pings, the destination must run, and P's pings must go
+on: after the switch-over the switch learns G's MAC on G-dst, from SEND_RARP (vring injects a
+RARP from G's MAC) or from the guest's own announce (GUEST_ANNOUNCE) — whichever QEMU chose.
+Reported: pings lost during the migration (at most MAX_LOST allowed).
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import pytest
+from peers import QemuGuest, VhostUserNet, require_peer
+
+pytestmark = pytest.mark.peer
+
+MAC_P, MAC_G = "52:54:00:00:02:01", "52:54:00:00:02:02"
+IP_P, IP_G = "10.0.2.1", "10.0.2.2"
+COUNT, INTERVAL = 60, 0.2  # 12 s of pings: the migration (1-4 s here) happens inside this window
+MAX_LOST = 10
+VRING_CPU = "1"
+VRING_OPTS = ("-v",) if os.environ.get("VRING_TEST_DEBUG") else ()
+PING_RX = r"^ping (ok|fail) tx=(\d+) rx=(\d+) loss=(\S+)%"
+
+
+@pytest.mark.parametrize("announce", ["guest", "rarp"])
+def test_guest_keeps_pinging_through_live_migration(sockdir, peers, vring_proc, announce):
+    """announce="guest": the guest negotiates GUEST_ANNOUNCE and sends gratuitous ARPs itself;
+    "rarp": the NIC has guest_announce=off, so QEMU asks vring (SEND_RARP) to announce it."""
+    require_peer("qemu")
+    t0 = time.monotonic()
+    socks = [os.path.join(sockdir, f"{c}.sock") for c in ("p", "gsrc", "gdst")]
+    args = [*VRING_OPTS, "switch"]
+    for s in socks:
+        args += ["--socket", s]
+    v = vring_proc(*args, cpus=VRING_CPU)
+    v.wait_log("port=2 listening", 60)
+    mig = os.path.join(sockdir, "mig.sock")
+    g_params = {"ip": f"{IP_G}/24", "wait": 300}
+    props = "guest_announce=off" if announce == "rarp" else ""
+    src = peers.add(QemuGuest([VhostUserNet(socks[1], mac=MAC_G, props=props)], name="gsrc", workdir=sockdir,
+                              params=g_params, monitor=True))
+    dst = peers.add(QemuGuest([VhostUserNet(socks[2], mac=MAC_G, props=props)], name="gdst", workdir=sockdir,
+                              params=g_params, monitor=True, extra_args=["-incoming", f"unix:{mig}"]))
+    p = peers.add(QemuGuest([VhostUserNet(socks[0], mac=MAC_P)], name="p", workdir=sockdir,
+                            params={"ip": f"{IP_P}/24", "ping": IP_G, "count": COUNT, "interval": INTERVAL,
+                                    "ping_wait": 90}))
+
+    def diag() -> str:
+        return "\n".join(g.log_tail(20) for g in (p, src, dst)) + f"\n--- vring ---\n{v.log_text()[-5000:]}"
+
+    try:
+        p.wait_result(r"^ping reachable", 150 - (time.monotonic() - t0))
+        t_mig = time.monotonic()
+        assert src.hmp(f"migrate -d unix:{mig}").strip() == "", diag()
+        deadline = time.monotonic() + 60
+        while True:
+            info = src.hmp("info migrate")
+            m = re.search(r"^Migration status: (\S+)", info, re.M)
+            status = m.group(1) if m else "?"
+            if status in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        t_done = time.monotonic()
+        assert status == "completed", f"migration {status}:\n{info}\n{diag()}"
+        # the migration was over while P was still pinging: the pings below span it
+        assert not any(re.search(PING_RX, r) for r in p.results()), diag()
+        assert "running" in dst.hmp("info status"), diag()
+        m = p.wait_result(PING_RX, COUNT * INTERVAL + 60)
+    except Exception as e:
+        raise AssertionError(f"{e}\n{diag()}") from e
+    tx, rx = int(m.group(2)), int(m.group(3))
+    lost = tx - rx
+    total = re.search(r"^total time: (\d+) ms", info, re.M)
+    downtime = re.search(r"^downtime: (\d+) ms", info, re.M)
+    log = v.log_text()
+    rarp = "announced 52:54:00:00:02:02" in log
+    print(f"\nmigration {t_done - t_mig:.1f} s (QEMU total {total and total.group(1)} ms, downtime "
+          f"{downtime and downtime.group(1)} ms); pings tx={tx} rx={rx} lost={lost}; "
+          f"announce by {'SEND_RARP' if rarp else 'the guest (GUEST_ANNOUNCE)'}; total {time.monotonic() - t0:.1f} s")
+    assert tx == COUNT and lost <= MAX_LOST, f"{m.group(0)}\n{diag()}"
+    assert "dirty log of" in log, log[-4000:]  # the source's back-end really logged
+    assert rarp == (announce == "rarp"), log[-4000:]
+    for g in (p, src, dst):
+        g.stop()
+    assert v.stop() == 0, v.log_text()[-4000:]
+    log = v.log_text()
+    assert "Traceback" not in log and " ERROR " not in log, log[-4000:]
+    keep = ("features", "dirty log", "announced", "switch: ", "port ")
+    print("\n".join(ln for ln in log.splitlines() if any(k in ln for k in keep)))
+    c = v.port_counters()
+    # after the switch-over G's frames came in on G-dst and P's pings went out there
+    assert c[2]["tx_packets"] > 0 and c[2]["rx_packets"] > 0, c
+    assert re.search(r"^switch: .*moved=[1-9]", log, re.M), log[-3000:]
