@@ -533,7 +533,8 @@ class NetDevice(Device):
     kind = "net"
 
     def __init__(self, nports: int, mode: str, queues: int = 1, frame_size: int = 64, burst: int = 32,
-                 idle_rounds: int = 20000, cpus: list[int] | None = None, disable: int = 0, mtu: int = 0):
+                 idle_rounds: int = 20000, cpus: list[int] | None = None, disable: int = 0, mtu: int = 0,
+                 port_disable: dict[int, int] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode == "xconnect" and nports != 2:
@@ -544,6 +545,9 @@ class NetDevice(Device):
         self.queues = queues
         self.burst = burst
         self.features = int(NET_FEATURES | (F.NET_MQ if queues > 1 else 0)) & ~disable
+        self.port_disable = dict(port_disable or {})  # port -> features not offered there only
+        if any(not 0 <= p < nports for p in self.port_disable):
+            raise ValueError(f"--disable PORT=...: ports are 0..{nports - 1}")
         self.protocol_features = int(NET_PROTOCOL_FEATURES)
         self.frame = test_frame(frame_size)
         self.links = self._links()
@@ -594,6 +598,9 @@ class NetDevice(Device):
 
     def queue_num(self) -> int:
         return self.queues  # virtio-net counts queue pairs (as DPDK and QEMU do)
+
+    def port_features(self, port: int) -> int:
+        return self.features & ~self.port_disable.get(port, 0)
 
     def announce(self, port: int, mac: bytes) -> bool:
         """SEND_RARP: send a RARP frame from ``mac`` where a frame sent on ``port`` would go."""

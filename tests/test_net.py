@@ -296,3 +296,26 @@ def test_disabled_features_are_not_offered(vring_proc, sockdir):
     fe.close()
     assert v.stop() == 0
     assert "features NET_MRG_RXBUF" not in v.log_text()
+
+
+def test_features_disabled_on_one_port(vring_proc, sockdir):
+    """--disable PORT=FEATURES: port 1 is offered no packed rings and no mergeable buffers, port 0
+    everything; frames still cross between the two differently negotiated ports."""
+    v, (a, b) = start(vring_proc, sockdir, "--disable", "1=RING_PACKED,NET_MRG_RXBUF", "--disable", "RING_EVENT_IDX",
+                      sockets=("a", "b"))
+    offered = []
+    for path in (a, b):
+        fe = Frontend(path)
+        fe.connect()
+        offered.append(fe.u64(Req.GET_FEATURES))
+        fe.close()
+    assert offered[0] & F.RING_PACKED and offered[0] & F.NET_MRG_RXBUF
+    assert not offered[1] & (F.RING_PACKED | F.NET_MRG_RXBUF)
+    assert not (offered[0] | offered[1]) & F.RING_EVENT_IDX
+    fa, fb = connect(a), connect(b)
+    assert fa.features & F.NET_MRG_RXBUF and not fb.features & F.NET_MRG_RXBUF
+    assert pump(fa, fb, 100, size=200) == list(range(100))
+    assert pump(fb, fa, 100, size=200) == list(range(100))
+    fa.close()
+    fb.close()
+    assert v.stop() == 0

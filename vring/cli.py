@@ -41,6 +41,20 @@ def parse_features(text: str) -> int:
     return int(mask)
 
 
+def parse_disable(values: list[str] | None) -> tuple[int, dict[int, int]]:
+    """--disable FEATURES (every port) and --disable PORT=FEATURES (that port only), repeatable."""
+    everywhere, per_port = 0, {}
+    for v in values or []:
+        port, sep, names = v.partition("=")
+        if sep:
+            if not port.strip().isdigit():
+                raise SystemExit(f"--disable {v!r}: expected PORT=FEATURES with a port number")
+            per_port[int(port)] = per_port.get(int(port), 0) | parse_features(names)
+        else:
+            everywhere |= parse_features(v)
+    return everywhere, per_port
+
+
 def mtu_arg(text: str) -> int:
     """--mtu: 68..65535 (what NET_SET_MTU accepts too)."""
     from vring.protocol import MAX_MTU, MIN_MTU
@@ -55,9 +69,13 @@ def cmd_net(args: argparse.Namespace) -> int:
     from devices.net import NetDevice
 
     mode = args.mode or ("xconnect" if len(args.socket) == 2 else "loopback")
-    dev = NetDevice(len(args.socket), mode, queues=args.queues, frame_size=args.frame_size, burst=args.burst,
-                    idle_rounds=idle_rounds(args), cpus=parse_cpus(args.cpus) if args.cpus else None,
-                    disable=parse_features(args.disable) if args.disable else 0, mtu=args.mtu)
+    disable, port_disable = parse_disable(args.disable)
+    try:
+        dev = NetDevice(len(args.socket), mode, queues=args.queues, frame_size=args.frame_size, burst=args.burst,
+                        idle_rounds=idle_rounds(args), cpus=parse_cpus(args.cpus) if args.cpus else None,
+                        disable=disable, mtu=args.mtu, port_disable=port_disable)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return serve_backend(dev, args, f"vring net: mode={mode}", {"mode": mode})
 
 
@@ -220,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--mode", choices=("xconnect", "loopback", "sink", "source"),
                    help="xconnect: port A <-> port B; loopback: frames come back; sink: count and drop; "
                         "source: generate --frame-size frames toward the front-end")
-    n.add_argument("--disable", metavar="FEATURES",
-                   help="virtio features not to offer, e.g. RING_PACKED,IN_ORDER,NET_MRG_RXBUF,RING_EVENT_IDX "
+    n.add_argument("--disable", metavar="[PORT=]FEATURES", action="append",
+                   help="virtio features not to offer, e.g. RING_PACKED,IN_ORDER,NET_MRG_RXBUF,RING_EVENT_IDX; "
+                        "with PORT= (0-based, the order of --socket) on that port only; repeatable "
                         "(the negotiated set of each port is logged)")
     n.add_argument("--frame-size", type=int, default=64, help="frame size for --mode source (default 64)")
     n.set_defaults(func=cmd_net)

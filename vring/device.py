@@ -47,6 +47,10 @@ class Device:
         """GET_QUEUE_NUM reply."""
         return self.nvq
 
+    def port_features(self, port: int) -> int:
+        """The virtio features offered on ``port`` (the same on every port unless a device says otherwise)."""
+        return self.features
+
     def setup_queue(self, row: int, features: int) -> None:
         """Device-specific qstate fields when a ring starts."""
 

@@ -354,12 +354,13 @@ class Session:
 
     # ---- handlers: return the reply payload (requests with replies) or None ----
     def _get_features(self, payload, fds):
-        return P.u64(self.dev.features)
+        return P.u64(self.dev.port_features(self.port))
 
     def _set_features(self, payload, fds):
         v = int(P.parse(P.U64, payload)["u64"])
-        if v & ~self.dev.features:
-            raise Failed(f"features {v:#x} include bits we did not offer ({v & ~self.dev.features:#x})")
+        offered = self.dev.port_features(self.port)
+        if v & ~offered:
+            raise Failed(f"features {v:#x} include bits we did not offer ({v & ~offered:#x})")
         with self.dev.paused():
             for i in range(len(self.vrings)):
                 self._sync(i)
