@@ -162,7 +162,9 @@ def prefetch_batch(qs, q, regions, n, write):
     n = min(n, size)
     for i in range(n):
         if packed:
-            prefetch_read(desc + np.uint64(16 * ((np.int64(qs[q]["last_avail_idx"]) + i) % size)))
+            # for writing: the used elements go into these same descriptors, so take the lines
+            # exclusive at once rather than read-shared now and upgraded at put_used
+            prefetch_write(desc + np.uint64(16 * ((np.int64(qs[q]["last_avail_idx"]) + i) % size)))
         else:
             h = np.int64(load_u16(qs[q]["avail"] + np.uint64(4 + 2 * ((np.int64(qs[q]["last_avail_idx"]) + i)
                                                                         & (size - 1)))))
