@@ -319,3 +319,35 @@ def test_features_disabled_on_one_port(vring_proc, sockdir):
     fa.close()
     fb.close()
     assert v.stop() == 0
+
+
+def test_queue_pair_disabled_and_enabled_while_traffic_flows(vring_proc, sockdir):
+    """SET_VRING_ENABLE 0 on pair 1 while pair 0 carries traffic: pair 1's frames wait in its TX
+    ring (not taken, not lost); enabled again, they come back on pair 1, and pair 0 never stopped."""
+    v, (a,) = start(vring_proc, sockdir, "--queues", "2")
+    fe = connect(a, queue_pairs=2)
+    fe.post_rx(pair=1)
+
+    def on_pair1(n: int, timeout: float = 10) -> list[int]:
+        got: list[int] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            got += [check(f) for f in fe.recv_frames(pair=1)]
+            time.sleep(0.01)
+        return got
+
+    assert fe.send_frames([frame(s) for s in range(10)], pair=1) == 10
+    assert on_pair1(10) == list(range(10))
+    fe.tx(1).take_used()
+    for index in (2, 3):  # pair 1: RX vring 2, TX vring 3
+        assert fe.ack(Req.SET_VRING_ENABLE, P.record(P.VRING_STATE, index=index, num=0)) == 0
+    assert fe.send_frames([frame(s) for s in range(10, 20)], pair=1) == 10
+    assert pump(fe, fe, 200) == list(range(200))  # pair 0 keeps going meanwhile
+    assert on_pair1(1, timeout=0.5) == [] and fe.tx(1).take_used() == []  # pair 1 took nothing
+    for index in (2, 3):
+        assert fe.ack(Req.SET_VRING_ENABLE, P.record(P.VRING_STATE, index=index, num=1)) == 0
+    assert on_pair1(10) == list(range(10, 20))
+    assert pump(fe, fe, 100) == list(range(100))
+    fe.close()
+    assert v.stop() == 0
+    assert v.port_counters()[0]["errors"] == 0
