@@ -340,6 +340,7 @@ class SwitchDevice(NetDevice):
         self.queues = queues
         self.burst = burst
         self.features = int(NET_FEATURES | (F.NET_MQ if queues > 1 else 0))
+        self.port_disable: dict[int, int] = {}  # NetDevice.port_features reads it: the same features on every port
         self.protocol_features = int(NET_PROTOCOL_FEATURES)
         self.rx_rows = np.array([[self.row(p, 2 * k) for k in range(queues)] for p in range(nports)], np.int64)
         self.tx_rows = np.array([[self.row(p, 2 * k + 1) for k in range(queues)] for p in range(nports)], np.int64)

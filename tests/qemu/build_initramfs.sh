@@ -3,7 +3,7 @@
 #
 # Builds a small initramfs for Debian's kernel, used by tests/peers.py (QemuGuest):
 #   - busybox (static) as the userland,
-#   - the virtio-pci, virtio-net and virtio-vsock modules of KERNEL_VERSION (default: the newest
+#   - the virtio-pci, virtio-net, virtio-vsock and bridge modules of KERNEL_VERSION (default: the newest
 #     under /lib/modules) with their dependencies, listed in load order in /lib/modules/order
 #     (dependencies first: virtio_ring before virtio, ...),
 #   - socat and its shared libraries (AF_VSOCK client/server in the guest), if installed,
@@ -42,7 +42,7 @@ add_module() { # $1 = path relative to $moddir as in modules.dep
     echo "$name" >>"$root/lib/modules/order"
 }
 : >"$root/lib/modules/order"
-for m in virtio_pci virtio_net vmw_vsock_virtio_transport; do
+for m in virtio_pci virtio_net vmw_vsock_virtio_transport bridge; do
     rel=$(awk -F: -v m="$m" '{ n = $1; sub(/.*\//, "", n); sub(/\.ko.*/, "", n); if (n == m) { print $1; exit } }' "$moddir/modules.dep")
     if [[ -z $rel ]]; then
         # built into the kernel: nothing to load
