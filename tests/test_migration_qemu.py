@@ -32,7 +32,10 @@ pytestmark = pytest.mark.peer
 MAC_P, MAC_G, MAC_P1 = "52:54:00:00:02:01", "52:54:00:00:02:02", "52:54:00:00:02:03"
 IP_P, IP_G = "10.0.2.1", "10.0.2.2"
 COUNT, INTERVAL = 60, 0.2  # 12 s of pings: the migration (1-4 s here) happens inside this window
-MAX_LOST = 10
+# Losses are the time between the source completing and the destination QEMU starting its NIC on
+# its back-end: ~1 s (0-1 pings) on a quiet machine, 2-5 s when other TCG guests compete for the
+# 2 cores (an early SEND_RARP before the rings start is dropped; QEMU repeats it).
+MAX_LOST = 20
 VRING_CPU = "1"
 VRING_OPTS = ("-v",) if os.environ.get("VRING_TEST_DEBUG") else ()
 PING_RX = r"^ping (ok|fail) tx=(\d+) rx=(\d+) loss=(\S+)%"
