@@ -531,7 +531,6 @@ class NetDevice(Device):
     """vring net: ``len(sockets)`` ports of ``queues`` queue pairs each, joined by ``mode``."""
 
     kind = "net"
-    port_disable: dict[int, int] = {}  # port -> features not offered there only (replaced per instance)
 
     def __init__(self, nports: int, mode: str, queues: int = 1, frame_size: int = 64, burst: int = 32,
                  idle_rounds: int = 20000, cpus: list[int] | None = None, disable: int = 0, mtu: int = 0,
