@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="64,512,1500")
     ap.add_argument("--variants", default="split",
                     help="split,packed,2q: ring layout / queue pairs (packed and 2q with the testpmd frontend only)")
+    ap.add_argument("--backends", default="vring,dpdk",
+                    help="vring,dpdk: both for a ratio; one alone when comparing builds of vring")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (after warm-up)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic skipped before measuring")
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                   if fe == "testpmd" or v == "split"]  # the in-tree generator drives split rings, one pair
         for fe, variant, direction, size, burst in matrix:
             for rep in range(args.reps):
-                for be in ("vring", "dpdk"):  # alternate, same session
+                for be in [b for b in ("vring", "dpdk") if b in args.backends.split(",")]:  # alternate
                     r = runner.run(fe, be, direction, burst, size, rep, variant)
                     runs.append(r)
                     extra = f" empty={r['empty_share']:.1%}" if r.get("empty_share") is not None else ""

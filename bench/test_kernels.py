@@ -43,6 +43,7 @@ from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, new
 from devices.net import test_frame as make_frame
 from vring import packed as P
 from vring.frontend import GPA_BASE, NET_HDR, Frontend
+from vring.jit import kernel
 from vring.layout import (
     AVAIL_F_NO_INTERRUPT,
     C_CALLS,
@@ -159,13 +160,20 @@ def rig_for():
 
 
 # ---------------------------------------------------------------- jitted round loops
-@njit(nogil=True, cache=True)
+# Kernels, like the data plane's own batch functions: the ring kernels they call are inlined
+# (vring.jit.inline_kernel), and inlined into a function with numba's reference counting on they
+# would pay an atomic incref/decref per array use. So no allocation here: scratch comes from Python.
+def seg_scratch() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(MAX_SEGS, np.uint64), np.zeros(MAX_SEGS, np.uint64)
+
+
+@kernel
 def _driver_post(qs, q, n):
     """Driver side: make ``n`` chains available beyond what the device has popped (one release store)."""
     store_u16_release(qs[q]["avail"] + np.uint64(2), np.uint16((np.int64(qs[q]["last_avail_idx"]) + n) & 0xFFFF))
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _packed_post(qs, q, drv, n, ln, write):
     """Packed driver side: make the next ``n`` descriptors available again (descriptor d owns buffer d).
 
@@ -196,7 +204,7 @@ def _packed_post(qs, q, drv, n, ln, write):
     drv[q, 1] = wrap
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _tx_post(qs, drv, n, ln):
     """Make ``n`` more TX chains available (``ln`` bytes each)."""
     if qs[TX]["packed"]:
@@ -205,7 +213,7 @@ def _tx_post(qs, drv, n, ln):
         _driver_post(qs, TX, n)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def _rx_post(qs, drv):
     """Give every RX buffer the device used back: split, one store of avail.idx a ring ahead of the
     device; packed, the descriptors from the device's used position up to a ring ahead."""
@@ -219,11 +227,9 @@ def _rx_post(qs, drv):
         _driver_post(qs, RX, size)
 
 
-@njit(nogil=True, cache=True)
-def pop_rounds(qs, regions, rounds, batch):
+@kernel
+def pop_rounds(qs, regions, rounds, batch, s_hva, s_len):
     """Pop ``batch`` TX chains per round and return them; bytes seen (or < 0 on a kernel error)."""
-    s_hva = np.zeros(MAX_SEGS, np.uint64)
-    s_len = np.zeros(MAX_SEGS, np.uint64)
     total = 0
     for _ in range(rounds):
         _driver_post(qs, TX, batch)
@@ -243,11 +249,9 @@ def pop_rounds(qs, regions, rounds, batch):
     return total
 
 
-@njit(nogil=True, cache=True)
-def pop_rounds_packed(qs, drv, regions, rounds, batch, tx_len):
+@kernel
+def pop_rounds_packed(qs, drv, regions, rounds, batch, tx_len, s_hva, s_len):
     """Packed pop: the driver posts ``batch`` TX chains; begin, pop + put_used each, publish."""
-    s_hva = np.zeros(MAX_SEGS, np.uint64)
-    s_len = np.zeros(MAX_SEGS, np.uint64)
     total = 0
     for _ in range(rounds):
         _packed_post(qs, TX, drv, batch, tx_len, 0)
@@ -263,7 +267,7 @@ def pop_rounds_packed(qs, drv, regions, rounds, batch, tx_len):
     return total
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def push_rounds_packed(qs, rounds, batch):
     """Packed push: begin (finds nothing available), put_used ``batch`` elements, publish."""
     size = np.int64(qs[TX]["size"])
@@ -276,7 +280,7 @@ def push_rounds_packed(qs, rounds, batch):
     return np.int64(qs[TX]["used_idx"])
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def push_rounds(qs, rounds, batch):
     """put_used ``batch`` entries and publish them, per round; returns the used index."""
     mask = np.int64(qs[TX]["size"]) - 1
@@ -288,7 +292,7 @@ def push_rounds(qs, rounds, batch):
     return np.int64(qs[TX]["used_idx"])
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def notify_rounds(qs, counters, one, rounds):
     """call() once per round (need_call's fence and flag check; the driver asked for no interrupts)."""
     for _ in range(rounds):
@@ -296,13 +300,9 @@ def notify_rounds(qs, counters, one, rounds):
     return np.int64(counters[TX, C_CALLS])
 
 
-@njit(nogil=True, cache=True)
-def scatter_rounds(rounds, batch, src_base, dst_base, qsize, nbytes):
+@kernel
+def scatter_rounds(rounds, batch, src_base, dst_base, qsize, nbytes, c_hva, c_len, d_hva, d_len):
     """Copy one header+frame per packet from TX buffer slot k to RX buffer slot k."""
-    c_hva = np.zeros(1, np.uint64)
-    c_len = np.zeros(1, np.uint64)
-    d_hva = np.zeros(1, np.uint64)
-    d_len = np.zeros(1, np.uint64)
     c_len[0] = nbytes
     d_len[0] = np.uint64(2048)
     k = 0
@@ -316,14 +316,11 @@ def scatter_rounds(rounds, batch, src_base, dst_base, qsize, nbytes):
     return k
 
 
-@njit(nogil=True, cache=True)
-def deliver_rounds(qs, drv, regions, rounds, batch, src_base, qsize, flen):
+@kernel
+def deliver_rounds(qs, drv, regions, rounds, batch, src_base, qsize, flen, s_hva, s_len, sc):
     """_deliver ``batch`` frames (from TX buffer slots) into the RX ring per round, then publish.
 
-    ``sc`` is the scratch tuple net_loop builds, built the same way here."""
-    s_hva = np.zeros(1, np.uint64)
-    s_len = np.zeros(1, np.uint64)
-    sc = new_scratch()
+    ``sc`` is the scratch tuple net_loop builds (``new_scratch``)."""
     hl = np.uint64(qs[RX]["hdr_len"])
     s_len[0] = hl + flen
     k = 0
@@ -389,9 +386,10 @@ def test_pop(benchmark, rig_for, batch, size, ring):
     rig = rig_for(size, ring)
     rounds = rounds_for(batch)
     if ring == "packed":
-        fn = lambda: pop_rounds_packed(rig.qs, rig.drv, rig.regions, rounds, batch, NET_HDR + size)  # noqa: E731
+        fn = lambda: pop_rounds_packed(rig.qs, rig.drv, rig.regions, rounds, batch, NET_HDR + size,  # noqa: E731
+                                       *seg_scratch())
     else:
-        fn = lambda: pop_rounds(rig.qs, rig.regions, rounds, batch)  # noqa: E731
+        fn = lambda: pop_rounds(rig.qs, rig.regions, rounds, batch, *seg_scratch())  # noqa: E731
     got = _bench(benchmark, "pop", batch, size, rounds * batch, fn, ring)
     assert got == rounds * batch * (NET_HDR + size)
 
@@ -420,7 +418,8 @@ def test_scatter(benchmark, rig_for, batch, size):
     rig = rig_for(size)
     rounds = rounds_for(batch)
     got = _bench(benchmark, "scatter", batch, size, rounds * batch,
-                 lambda: scatter_rounds(rounds, batch, rig.tx_buf_hva, rig.rx_buf_hva, QSIZE, np.uint64(NET_HDR + size)))
+                 lambda: scatter_rounds(rounds, batch, rig.tx_buf_hva, rig.rx_buf_hva, QSIZE, np.uint64(NET_HDR + size),
+                                        *(np.zeros(1, np.uint64) for _ in range(4))))
     assert got == rounds * batch
     rx = rig.fe.rx()
     assert bytes(rig.fe.mem[rx.buf_off + NET_HDR : rx.buf_off + NET_HDR + size]) == make_frame(size).tobytes()
@@ -433,7 +432,8 @@ def test_deliver(benchmark, rig_for, batch, size, ring):
     rounds = rounds_for(batch)
     got = _bench(benchmark, "deliver", batch, size, rounds * batch,
                  lambda: deliver_rounds(rig.qs, rig.drv, rig.regions, rounds, batch, rig.tx_buf_hva, QSIZE,
-                                        np.uint64(size)), ring)
+                                        np.uint64(size), np.zeros(1, np.uint64), np.zeros(1, np.uint64),
+                                        new_scratch()), ring)
     assert got == rounds * batch
     assert last_rx(rig)[1] == NET_HDR + size
 

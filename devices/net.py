@@ -83,7 +83,7 @@ def _mark_broken(qs, counters, q, code):
     counters[q, C_ERRORS] += 1
 
 
-@kernel
+@inline_kernel
 def _copy_frame(s_hva, s_len, ns, skip, d_hva, d_len, d_off, nbytes):
     """Copy nbytes from the source pieces (after ``skip`` bytes) to the destination pieces
     (after ``d_off`` bytes); both sides are known to be long enough. Usually one memcpy."""
@@ -135,7 +135,7 @@ def new_offload_scratch(ostats):
         np.zeros(1, np.uint64), ostats
 
 
-@kernel
+@inline_kernel
 def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
     """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains, behind
     a virtio_net_hdr whose first 10 bytes are h0 (bytes 0-7: flags, gso_type, hdr_len, gso_size,
@@ -185,7 +185,10 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
         c_hva[0] = np.uint64(hdr.ctypes.data)
         c_len[0] = hl
         _copy_frame(c_hva, c_len, 1, 0, d_hva, d_len, 0, hl)
-    _copy_frame(s_hva, s_len, ns, src_hdr, d_hva, d_len, hl, flen)
+    if ns == 1 and d_len[0] >= need:  # the common case: one piece each side
+        copy_bytes(d_hva[0] + hl, s_hva[0] + src_hdr, flen)
+    else:
+        _copy_frame(s_hva, s_len, ns, src_hdr, d_hva, d_len, hl, flen)
     if qs[dst]["log_base"] != 0:  # migrating: the front-end must re-copy the pages we wrote
         log_pieces(qs, dst, regions, d_hva, d_len, need)
     rem = need
@@ -194,6 +197,13 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
         put_used(qs, dst, rx_ids[k], used, rx_ndesc[k])
         rem -= used
     return nch
+
+
+@kernel
+def _deliver_slow(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
+    """``_deliver`` as a call, for the rare paths (software offloads, injected frames): one
+    compiled copy for them instead of one inlined copy each."""
+    return _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1)
 
 
 @inline_kernel
@@ -266,7 +276,7 @@ def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, h0
             return 0
         ostats[O_CSUM] += 1
         p_len[0] = flen
-        return _count(counters, dst, _deliver(qs, regions, dst, p_hva, p_len, 1, 0, flen, sc, np.uint64(0),
+        return _count(counters, dst, _deliver_slow(qs, regions, dst, p_hva, p_len, 1, 0, flen, sc, np.uint64(0),
                                                   np.uint16(0)), flen)
     mss = np.int64((h0 >> np.uint64(32)) & np.uint64(0xFFFF))
     nseg, l3, l4, hdrs, v6 = gso_plan(lin, flen, np.int64((h0 >> np.uint64(8)) & np.uint64(0xFF)), mss,
@@ -283,7 +293,7 @@ def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, h0
         if n < 0:  # cannot happen after gso_plan; stop rather than deliver garbage
             break
         p_len[0] = np.uint64(n)
-        r = _deliver(qs, regions, dst, p_hva, p_len, 1, 0, np.uint64(n), sc, np.uint64(0), np.uint16(0))
+        r = _deliver_slow(qs, regions, dst, p_hva, p_len, 1, 0, np.uint64(n), sc, np.uint64(0), np.uint16(0))
         if r < 0:
             return r
         if r == 0:  # no room: the later segments would not fit either
@@ -306,7 +316,7 @@ def _byte_at(s_hva, s_len, ns, off):
     return load_u8(s_hva[si] + off)
 
 
-@kernel
+@inline_kernel
 def too_long(qs, src, s_hva, s_len, ns, hl, flen):
     """Whether a frame of ``flen`` bytes from TX ring ``src`` exceeds its port's MTU (max_frame =
     MTU + 14; 4 bytes more for a frame with one VLAN tag: 802.1Q 0x8100 or 802.1ad 0x88a8).
@@ -488,7 +498,7 @@ def inject(qs, counters, regions, dst, frame, cap):
     s_hva = np.full(1, np.uint64(frame.ctypes.data), np.uint64)
     s_len = np.full(1, np.uint64(frame.shape[0]), np.uint64)
     flen = np.uint64(frame.shape[0])
-    r = _deliver(qs, regions, dst, s_hva, s_len, 1, 0, flen, new_scratch(), np.uint64(0), np.uint16(0))
+    r = _deliver_slow(qs, regions, dst, s_hva, s_len, 1, 0, flen, new_scratch(), np.uint64(0), np.uint16(0))
     if r > 0:
         counters[dst, C_PACKETS] += 1
         counters[dst, C_BYTES] += flen
@@ -602,11 +612,15 @@ class NetDevice(Device):
     def port_features(self, port: int) -> int:
         return self.features & ~self.port_disable.get(port, 0)
 
+    def compile(self) -> None:
+        # the SEND_RARP path too: compiled on first use it could take longer than a front-end waits
+        inject(self.qstate, self.counters, self.regions, -1, rarp_frame(bytes(6)), self.cap)
+        super().compile()
+
     def announce(self, port: int, mac: bytes) -> bool:
         """SEND_RARP: send a RARP frame from ``mac`` where a frame sent on ``port`` would go."""
         frame = rarp_frame(mac)
         tx = self.row(port, 1)
-        inject(self.qstate, self.counters, self.regions, -1, frame, self.cap)  # compile (or load) it unpaused
         with self.paused():
             for src, dst, mode in self.links:
                 if src == tx and mode == MODE_FORWARD:

@@ -204,7 +204,7 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
     hl = np.uint64(qs[src]["hdr_len"])
     capturing = cap[0][K_PORTS] != 0
     done = 0
-    nt = 0
+    nt = np.int64(0)  # not the literal 0: one compiled _to_port for every call
     for _ in range(burst):
         ns, total, bid, ndesc = pop(qs, src, regions, 0, s_hva, s_len, 0)
         if ns == EMPTY:
@@ -295,17 +295,19 @@ def switch_inject(qs, counters, regions, port, rx_rows, mac_key, mac_port, mac_s
     ob = new_offload_scratch(np.zeros(len(OSTAT_NAMES), np.uint64))  # a RARP carries no offload: never used
     began = np.zeros(qs.shape[0], np.uint8)
     touched = np.zeros(qs.shape[0], np.int64)
-    _dmac, smac = frame_macs(s_hva, s_len, 1, 0)
+    _dmac, smac = frame_macs(s_hva, s_len, np.int64(1), np.uint64(0))
     if not _is_multicast(smac):
         learn(mac_key, mac_port, mac_seen, smac, port, cycles(), params[P_AGE], st)
     st[S_FLOODED] += 1
-    nt = 0
+    nt = np.int64(0)  # not the literal 0: one compiled _to_port for every call
     for p in range(rx_rows.shape[0]):
         if p == port:
             continue
         row = _rx_row(qs, rx_rows, p, 0)
         if row >= 0:
-            nt = _to_port(qs, counters, regions, row, s_hva, s_len, 1, 0, flen, sc, ob, began, touched, nt, cap)
+            # the types switch_batch passes, so the one compiled _to_port serves both
+            nt = _to_port(qs, counters, regions, row, s_hva, s_len, np.int64(1), np.uint64(0), flen, sc, ob, began,
+                          touched, nt, cap)
     for i in range(nt):
         finish(qs, touched[i], counters, one)
     return nt
@@ -405,11 +407,16 @@ class SwitchDevice(NetDevice):
             self.mac_port[sel] = -1
             self.mac_seen[sel] = 0
 
+    def compile(self) -> None:
+        # the SEND_RARP path too, not when a front-end is waiting for it
+        switch_inject(self.qstate, self.counters, self.regions, -1, self.rx_rows, self.mac_key, self.mac_port,
+                      self.mac_seen, self.params, self.swstats, rarp_frame(bytes(6)), self.cap)
+        super().compile()
+
     def announce(self, port: int, mac: bytes) -> bool:
         """SEND_RARP: the migrated guest's MAC is now behind ``port``: learn it there and flood a RARP."""
         args = (self.qstate, self.counters, self.regions, port, self.rx_rows, self.mac_key, self.mac_port,
                 self.mac_seen, self.params, self.swstats, rarp_frame(mac), self.cap)
-        switch_inject(*args[:3], -1, *args[4:])  # compile (or load) it before pausing the data plane
         with self.paused():
             switch_inject(*args)
         return True

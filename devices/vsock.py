@@ -285,9 +285,9 @@ class VsockDevice(Device):
             self.sel.register(s, selectors.EVENT_READ, ("listen", vm))
             log.info("vm cid=%d: host side on %s (and %s_<port>)", vm.cid, vm.cfg.uds_path, vm.cfg.uds_path)
 
-    def start(self) -> None:
+    def compile(self) -> None:
         warm_up_kernels()
-        super().start()
+        super().compile()
 
     def stop(self) -> None:
         super().stop()  # the data plane thread has returned: the sockets are ours now

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -124,7 +125,11 @@ class Worker:
         """Compile (or load from cache) the loop before any front-end is accepted: run it once
         with the command already PAUSE, so it returns at once."""
         self.ctrl[CMD] = PAUSE
+        t0 = time.monotonic()
         self._loop(self.ctrl, *self._args_fn())
+        if time.monotonic() - t0 > 2:
+            log.info("worker=%s: data plane compiled in %.1f s (kept in numba's cache for the next start)",
+                     self.name, time.monotonic() - t0)
 
     def start(self) -> None:
         self.warm_up()

@@ -77,7 +77,14 @@ class Device:
         """Device-specific lines printed at exit after the per-port counters."""
         return []
 
+    def compile(self) -> None:
+        """Compile (or load from numba's cache) what the data plane and the control plane's jitted
+        paths run, so nothing compiles while a front-end waits. Cold: up to a minute."""
+        if self.worker is not None:
+            self.worker.warm_up()
+
     def start(self) -> None:
+        self.compile()
         if self.worker is not None:
             self.worker.start()
 

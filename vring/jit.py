@@ -16,6 +16,11 @@ def kernel(fn):
 
 
 def inline_kernel(fn):
-    """A kernel inlined into its callers by numba (not left to LLVM): for the small per-frame steps
-    between two kernels. Measured: devices.net._send left as a call cost ~30 ns per frame."""
+    """A kernel inlined into its callers by numba (LLVM never inlines across numba functions): for
+    the per-frame steps (pop, walk_chain, translate, put_used, _deliver, _copy_frame ...). A call
+    passes every array as ~7 words on the stack; measured behind testpmd, making those steps
+    inline took the 64 B source rate from 12.7 to 23.4 Mpps and loopback from 7.8 to 11.8.
+    Inline them only into kernels: inlined into a function with reference counting on, each
+    array use inside a loop pays an atomic incref/decref (a synthetic pop: 12 -> 89 ns).
+    The price is compile time (cold cache: the net loop 22 -> 40 s), paid once per cache."""
     return njit(nogil=True, cache=True, _nrt=False, inline="always")(fn)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vring.jit import kernel
+from vring.jit import inline_kernel, kernel
 from vring.layout import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
@@ -51,7 +51,7 @@ from vring.split import (
 EMPTY = -1000  # no chain available (not an error)
 
 
-@kernel
+@inline_kernel
 def is_avail(qs, q, idx, wrap):
     """Whether the descriptor at idx is available for the driver wrap counter ``wrap`` (§2.8.1)."""
     fl = load_u16_acquire(qs[q]["desc"] + np.uint64(16 * idx + 14))
@@ -88,7 +88,7 @@ def _walk_indirect(qs, q, regions, addr, ln, writable, seg_hva, seg_len, n, tota
     return n, total
 
 
-@kernel
+@inline_kernel
 def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     """Map the next available chain into seg_*[n:]: (new n, total bytes, buffer id, descriptors),
     or (EMPTY, ...) when none is available, or (-BROKEN_*, ...)."""
@@ -171,7 +171,7 @@ def begin_upto(qs, q, limit):
     return n
 
 
-@kernel
+@inline_kernel
 def put_used(qs, q, buf_id, length, ndesc):
     """Write one used element at the next used position; the batch's first flags are deferred."""
     size = np.int64(qs[q]["size"])

@@ -12,7 +12,7 @@ from vring import inflight as I
 from vring import packed as P
 from vring import split as S
 from vring.dirtylog import log_packed_used, log_ring, log_split_used
-from vring.jit import kernel
+from vring.jit import inline_kernel, kernel
 from vring.layout import C_BATCHES, C_CALLS
 from vring.ordering import load_u16, load_u64, prefetch_read, prefetch_write, sys_write
 
@@ -32,7 +32,7 @@ def begin(qs, q, limit):
     return n
 
 
-@kernel
+@inline_kernel
 def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     """The next chain mapped into seg_*[n:]: (new n, total bytes, id, descriptors), (EMPTY, ...) or (-BROKEN_*, ...)."""
     if qs[q]["packed"]:
@@ -57,7 +57,7 @@ def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     return m, total, head, 1
 
 
-@kernel
+@inline_kernel
 def cursor(qs, q):
     """The tentative pop position, for ``rollback``."""
     return (np.int64(qs[q]["t_count"]) << 17) | (np.int64(qs[q]["t_wrap"]) << 16) | np.int64(qs[q]["t_idx"])
@@ -75,7 +75,7 @@ def rollback(qs, q, c):
     qs[q]["t_idx"] = c & 0xFFFF
 
 
-@kernel
+@inline_kernel
 def put_used(qs, q, buf_id, length, ndesc):
     if qs[q]["packed"]:
         P.put_used(qs, q, buf_id, length, ndesc)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vring.jit import kernel
+from vring.jit import inline_kernel, kernel
 from vring.layout import (
     C_CALLS,
     DESC_F_INDIRECT,
@@ -70,7 +70,7 @@ U1 = np.uint64(1)
 U16 = np.uint64(0xFFFF)
 
 
-@kernel
+@inline_kernel
 def translate(regions, mem, gpa, length, out_hva, out_len, n):
     """Append the pieces of guest range [gpa, gpa+length) to out_*[n:]; new n, or -BROKEN_*."""
     gpa = np.uint64(gpa)
@@ -117,7 +117,7 @@ def translate_one(regions, mem, gpa, length):
     return np.uint64(0)
 
 
-@kernel
+@inline_kernel
 def walk_chain(qs, q, regions, head, writable, seg_hva, seg_len, n):
     """Map the chain starting at ``head`` into seg_*[n:].
 
@@ -175,7 +175,7 @@ def walk_chain(qs, q, regions, head, writable, seg_hva, seg_len, n):
         idx = nx
 
 
-@kernel
+@inline_kernel
 def avail_count(qs, q):
     """Chains the driver has made available and we haven't popped, or -BROKEN_AVAIL_JUMP."""
     avail = qs[q]["avail"]
@@ -186,7 +186,7 @@ def avail_count(qs, q):
     return n
 
 
-@kernel
+@inline_kernel
 def avail_head(qs, q, i):
     """Head index of the i-th unpopped chain, or -BROKEN_HEAD_RANGE."""
     size = np.int64(qs[q]["size"])
@@ -197,7 +197,7 @@ def avail_head(qs, q, i):
     return h
 
 
-@kernel
+@inline_kernel
 def put_used(qs, q, i, head, length):
     """Write the i-th pending used element (published later by ``publish_used``)."""
     size = np.int64(qs[q]["size"])
