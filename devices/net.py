@@ -87,6 +87,9 @@ def _mark_broken(qs, counters, q, code):
 def _copy_frame(s_hva, s_len, ns, skip, d_hva, d_len, d_off, nbytes):
     """Copy nbytes from the source pieces (after ``skip`` bytes) to the destination pieces
     (after ``d_off`` bytes); both sides are known to be long enough. Usually one memcpy."""
+    if ns == 1 and np.uint64(skip) + nbytes <= s_len[0] and np.uint64(d_off) + nbytes <= d_len[0]:
+        copy_bytes(d_hva[0] + np.uint64(d_off), s_hva[0] + np.uint64(skip), nbytes)  # one piece each side
+        return
     si = 0
     so = np.uint64(skip)
     while si < ns and so >= s_len[si]:
@@ -185,10 +188,7 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
         c_hva[0] = np.uint64(hdr.ctypes.data)
         c_len[0] = hl
         _copy_frame(c_hva, c_len, 1, 0, d_hva, d_len, 0, hl)
-    if ns == 1 and d_len[0] >= need:  # the common case: one piece each side
-        copy_bytes(d_hva[0] + hl, s_hva[0] + src_hdr, flen)
-    else:
-        _copy_frame(s_hva, s_len, ns, src_hdr, d_hva, d_len, hl, flen)
+    _copy_frame(s_hva, s_len, ns, src_hdr, d_hva, d_len, hl, flen)
     if qs[dst]["log_base"] != 0:  # migrating: the front-end must re-copy the pages we wrote
         log_pieces(qs, dst, regions, d_hva, d_len, need)
     rem = need

@@ -411,7 +411,7 @@ class SwitchDevice(NetDevice):
         # the SEND_RARP path too, not when a front-end is waiting for it
         switch_inject(self.qstate, self.counters, self.regions, -1, self.rx_rows, self.mac_key, self.mac_port,
                       self.mac_seen, self.params, self.swstats, rarp_frame(bytes(6)), self.cap)
-        super().compile()
+        Device.compile(self)  # not NetDevice's: the switch never uses net's inject path
 
     def announce(self, port: int, mac: bytes) -> bool:
         """SEND_RARP: the migrated guest's MAC is now behind ``port``: learn it there and flood a RARP."""

@@ -132,7 +132,7 @@ class Worker:
                      self.name, time.monotonic() - t0)
 
     def start(self) -> None:
-        self.warm_up()
+        """Run the loop in its thread; ``warm_up`` first (Device.compile does) so it starts compiled."""
         self._thread.start()
 
     def _main(self) -> None:
