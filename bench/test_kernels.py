@@ -36,10 +36,9 @@ import os
 
 import numpy as np
 import pytest
-from numba import njit
 
 from devices.capture import empty as no_capture
-from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, new_offload_scratch, new_scratch
+from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, loop_scratch, new_scratch
 from devices.net import test_frame as make_frame
 from vring import packed as P
 from vring.frontend import GPA_BASE, NET_HDR, Frontend
@@ -339,15 +338,12 @@ def deliver_rounds(qs, drv, regions, rounds, batch, src_base, qsize, flen, s_hva
     return out
 
 
-@njit(nogil=True, cache=True)
-def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len):
-    """_forward_batch TX -> RX once per round, the driver re-posting both rings; frames forwarded."""
-    one = np.ones(1, np.uint64)
-    s_hva = np.zeros(MAX_SEGS, np.uint64)
-    s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch()
-    cap = no_capture()
-    ob = new_offload_scratch(np.zeros(8, np.uint64))
+@kernel
+def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, cap):
+    """_forward_batch TX -> RX once per round, the driver re-posting both rings; frames forwarded.
+
+    ``scratch`` is what net_loop works in (``loop_scratch``)."""
+    one, _buf, _pollfds, s_hva, s_len, sc, ob = scratch
     out = 0
     for _ in range(rounds):
         _tx_post(qs, drv, batch, tx_len)
@@ -443,8 +439,10 @@ def test_deliver(benchmark, rig_for, batch, size, ring):
 def test_forward(benchmark, rig_for, batch, size, ring):
     rig = rig_for(size, ring)
     rounds = rounds_for(batch)
+    scratch, cap = loop_scratch(0, np.zeros(8, np.uint64)), no_capture()
     got = _bench(benchmark, "forward", batch, size, rounds * batch,
-                 lambda: forward_rounds(rig.qs, rig.drv, rig.counters, rig.regions, rounds, batch, NET_HDR + size),
+                 lambda: forward_rounds(rig.qs, rig.drv, rig.counters, rig.regions, rounds, batch, NET_HDR + size,
+                                        scratch, cap),
                  ring)
     assert got == rounds * batch
     assert rig.counters[RX, C_DROPS] == 0 and rig.counters[TX, C_ERRORS] == 0

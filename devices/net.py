@@ -44,7 +44,20 @@ from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import copy_bytes, cycles, load_u8, load_u16, load_u64, store_u16, store_u64
 from vring.protocol import MAX_MTU, MIN_MTU, PF, F
-from vring.ring import EMPTY, begin, cursor, finish, pop, prefetch_batch, put_used, rollback
+from vring.ring import (
+    BUF_NONE,
+    BUF_READ,
+    BUF_WRITE,
+    EMPTY,
+    begin,
+    cursor,
+    finish,
+    finish_pair,
+    pop,
+    prefetch_batch,
+    put_used,
+    rollback,
+)
 from vring.split import MAX_SEGS
 
 log = logging.getLogger(__name__)
@@ -333,15 +346,15 @@ def too_long(qs, src, s_hva, s_len, ns, hl, flen):
     return t != 0x8100 and t != 0x88A8
 
 
-@kernel
+@inline_kernel
 def _ready(qs, q):
     return q >= 0 and qs[q]["ready"] != 0 and qs[q]["broken"] == 0
 
 
-@kernel
-def begin_batch(qs, counters, regions, q, burst, write):
+@inline_kernel
+def begin_batch(qs, counters, regions, q, burst, buffers):
     """Start a batch on ring q: -1 if it isn't ready, 0 if it has nothing (or has just broken),
-    else a hint of the chains available, whose lines are being prefetched (for writing if ``write``)."""
+    else a hint of the chains available, whose lines are being prefetched (``buffers``: BUF_*)."""
     if not _ready(qs, q):
         return -1
     n = begin(qs, q, burst)
@@ -349,14 +362,15 @@ def begin_batch(qs, counters, regions, q, burst, write):
         _mark_broken(qs, counters, q, -n)
         return 0
     if n > 0:
-        prefetch_batch(qs, q, regions, min(n, burst), write)
+        prefetch_batch(qs, q, regions, min(n, burst), buffers)
     return n
 
 
-@kernel
+@inline_kernel
 def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
-    n = begin_batch(qs, counters, regions, src, burst, 0)
+    capturing = cap[0][K_PORTS] != 0
+    n = begin_batch(qs, counters, regions, src, burst, BUF_NONE if mode == MODE_SINK and not capturing else BUF_READ)
     if n <= 0:
         return n
     dst_ok = mode == MODE_FORWARD and _ready(qs, dst)
@@ -366,11 +380,10 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
             _mark_broken(qs, counters, dst, -b)
             dst_ok = False
         else:
-            prefetch_batch(qs, dst, regions, min(max(b, 1), burst), 1)
+            prefetch_batch(qs, dst, regions, min(max(b, 1), burst), BUF_WRITE)
     dst_began = dst_ok
     done = 0
     hl = np.uint64(qs[src]["hdr_len"])
-    capturing = cap[0][K_PORTS] != 0
     for _ in range(burst):
         ns, total, bid, ndesc = pop(qs, src, regions, 0, s_hva, s_len, 0)
         if ns == EMPTY:
@@ -404,16 +417,14 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
         elif r < 0:
             _mark_broken(qs, counters, dst, -r)
             dst_ok = False
-    finish(qs, src, counters, one)
-    if dst_began:
-        finish(qs, dst, counters, one)
+    finish_pair(qs, src, dst if dst_began else -1, counters, one)
     return done
 
 
-@kernel
+@inline_kernel
 def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap):
     """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
-    a = begin_batch(qs, counters, regions, dst, burst, 1)
+    a = begin_batch(qs, counters, regions, dst, burst, BUF_WRITE)
     if a <= 0:
         return a
     s_hva[0] = np.uint64(frame.ctypes.data)
@@ -441,21 +452,23 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
     return sent
 
 
-@njit(nogil=True, cache=True)
-def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy, cap, ostats):
+def loop_scratch(nwatch: int, ostats: np.ndarray) -> tuple:
+    """The arrays ``net_loop`` works in, made here so the loop itself is a kernel (no reference
+    counting, so the batch steps inline into it): the eventfd value 1, a read buffer, pollfds for
+    ``nwatch`` kick fds and the wake-up fd, TX pieces, ``new_scratch`` and ``new_offload_scratch``."""
+    return (np.ones(1, np.uint64), np.zeros(1, np.uint64), np.zeros((nwatch + 1, 2), np.int32),
+            np.zeros(MAX_SEGS, np.uint64), np.zeros(MAX_SEGS, np.uint64), new_scratch(), new_offload_scratch(ostats))
+
+
+@kernel
+def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy, cap, scratch):
     """The net data plane: run every link, round after round, until told to stop.
 
     Self-measurement (as testpmd's --record-burst-stats / --record-core-cycles): polls[n]
     counts polls of a ready ring that found n frames (n capped at burst); busy[0] the cycles
     spent in polls that found work and busy[1] the frames they moved.
     """
-    one = np.ones(1, np.uint64)
-    buf = np.zeros(1, np.uint64)
-    pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
-    s_hva = np.zeros(MAX_SEGS, np.uint64)
-    s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch()
-    ob = new_offload_scratch(ostats)
+    one, buf, pollfds, s_hva, s_len, sc, ob = scratch
     idle = 0
     while running(ctrl):
         work = 0
@@ -568,6 +581,7 @@ class NetDevice(Device):
         self.polls = np.zeros(burst + 1, np.int64)
         self.busy = np.zeros(2, np.uint64)
         self.ostats = np.zeros(len(OSTAT_NAMES), np.uint64)
+        self.scratch = loop_scratch(len(self.watch), self.ostats)
         self.worker = Worker("net", net_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
 
     def _links(self) -> np.ndarray:
@@ -589,7 +603,7 @@ class NetDevice(Device):
 
     def _args(self) -> tuple:
         return (self.qstate, self.counters, self.regions, self.links, self.watch, self.frame, self.burst,
-                self.polls, self.busy, self.cap, self.ostats)
+                self.polls, self.busy, self.cap, self.scratch)
 
     def poll_stats(self) -> dict[str, float]:
         """Share of empty polls and cycles (and ns) per frame in polls that found work."""

@@ -37,10 +37,11 @@ from devices.net import (
     _ready,
     _send,
     begin_batch,
+    loop_scratch,
     new_offload_scratch,
     new_scratch,
-    too_long,
     rarp_frame,
+    too_long,
 )
 from devices.offload import OSTAT_NAMES
 from vring.dataplane import Worker, account_poll, end_round, running
@@ -50,7 +51,6 @@ from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import cycles, load_u8
 from vring.protocol import F
 from vring.ring import EMPTY, begin, finish, pop, prefetch_batch, put_used
-from vring.split import MAX_SEGS
 
 log = logging.getLogger(__name__)
 
@@ -256,19 +256,17 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
     return done
 
 
-@njit(nogil=True, cache=True)
+def switch_scratch(nwatch: int, nrows: int, ostats: np.ndarray) -> tuple:
+    """The arrays ``switch_loop`` works in (devices.net.loop_scratch, and the per-batch RX
+    bookkeeping: which RX rows a batch began, in the order it touched them)."""
+    return (*loop_scratch(nwatch, ostats), np.zeros(nrows, np.uint8), np.zeros(nrows, np.int64))
+
+
+@kernel
 def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac_key, mac_port, mac_seen, params,
-                st, polls, busy, cap, ostats):
+                st, polls, busy, cap, scratch):
     """The switch data plane: every TX queue of every port, round after round, until told to stop."""
-    one = np.ones(1, np.uint64)
-    buf = np.zeros(1, np.uint64)
-    pollfds = np.zeros((watch.shape[0] + 1, 2), np.int32)
-    s_hva = np.zeros(MAX_SEGS, np.uint64)
-    s_len = np.zeros(MAX_SEGS, np.uint64)
-    sc = new_scratch()
-    ob = new_offload_scratch(ostats)
-    began = np.zeros(qs.shape[0], np.uint8)
-    touched = np.zeros(qs.shape[0], np.int64)
+    one, buf, pollfds, s_hva, s_len, sc, ob, began, touched = scratch
     idle = 0
     while running(ctrl):
         work = 0
@@ -357,6 +355,7 @@ class SwitchDevice(NetDevice):
         self.polls = np.zeros(burst + 1, np.int64)
         self.busy = np.zeros(2, np.uint64)
         self.ostats = np.zeros(len(OSTAT_NAMES), np.uint64)
+        self.scratch = switch_scratch(len(self.watch), len(self.qstate), self.ostats)
         self.worker = Worker("switch", switch_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
 
     @property
@@ -374,7 +373,7 @@ class SwitchDevice(NetDevice):
     def _args(self) -> tuple:
         return (self.qstate, self.counters, self.regions, self.rx_rows, self.tx_rows, self.watch, self.burst,
                 self.mac_key, self.mac_port, self.mac_seen, self.params, self.swstats, self.polls, self.busy,
-                self.cap, self.ostats)
+                self.cap, self.scratch)
 
     def mac_table(self) -> list[dict]:
         """Live entries (not aged out), sorted by port then MAC: {"mac", "port", "age_s"}.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vring.jit import kernel
+from vring.jit import inline_kernel, kernel
 from vring.ordering import cpu_relax, cycles, fence_seq_cst, load_i64_acquire, sys_poll, sys_read
 from vring.ring import has_work, set_kicks
 
@@ -30,7 +30,7 @@ RUN, PAUSE = 1, 0
 POLLIN = 1
 
 
-@kernel
+@inline_kernel
 def running(ctrl):
     """Whether the control plane still wants the loop to run (an acquire load: never hoisted)."""
     return load_i64_acquire(np.uint64(ctrl.ctypes.data) + np.uint64(8 * CMD)) == RUN
@@ -71,7 +71,7 @@ def idle_sleep(ctrl, qs, watch, pollfds, buf):
             set_kicks(qs, q, False)
 
 
-@kernel
+@inline_kernel
 def account_poll(polls, busy, burst, done, t0):
     """Self-measurement of one poll that returned ``done`` (-1: ring not ready) and began at cycle
     ``t0``: polls[n] counts polls that found n frames, busy[] the cycles and frames of busy ones.
@@ -84,7 +84,7 @@ def account_poll(polls, busy, burst, done, t0):
     return max(done, 0)
 
 
-@kernel
+@inline_kernel
 def end_round(ctrl, qs, watch, pollfds, buf, work, idle):
     """Account a polling round that moved ``work`` frames; after ``ctrl[IDLE_ROUNDS]`` empty rounds
     in a row, sleep on the watched queues' kicks. Returns the new count of empty rounds."""

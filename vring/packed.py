@@ -147,7 +147,7 @@ def begin(qs, q):
     return begin_upto(qs, q, SCAN)
 
 
-@kernel
+@inline_kernel
 def begin_upto(qs, q, limit):
     """Start a batch: how many descriptors from the next one on are available (up to ``limit`` and
     SCAN), a hint of the chains to prefetch (chains of several descriptors make it an over-estimate).
@@ -197,7 +197,7 @@ def put_used(qs, q, buf_id, length, ndesc):
     qs[q]["u_wrap"] = wrap
 
 
-@kernel
+@inline_kernel
 def publish(qs, q):
     """Commit the batch's pops and make its used elements visible (head flags last)."""
     if qs[q]["u_count"] > 0:
@@ -210,10 +210,16 @@ def publish(qs, q):
     qs[q]["u_count"] = 0
 
 
-@kernel
+@inline_kernel
 def need_call(qs, q):
     """Driver event suppression (§2.8.10): enable, disable, or a descriptor event with EVENT_IDX."""
     fence_seq_cst()  # our used flags before the driver's event structure
+    return wants_call(qs, q)
+
+
+@inline_kernel
+def wants_call(qs, q):
+    """``need_call`` after the caller's own fence (one fence for several rings' publishes)."""
     area = qs[q]["avail"]  # the driver event suppression area
     flags = load_u16_acquire(area + np.uint64(2)) & 3
     if not qs[q]["event_idx"]:

@@ -207,7 +207,7 @@ def put_used(qs, q, i, head, length):
     store_u32(e + np.uint64(4), np.uint32(length))
 
 
-@kernel
+@inline_kernel
 def publish_used(qs, q, popped, used):
     """Advance last_avail_idx by ``popped`` and publish ``used`` pending used elements.
 
@@ -220,10 +220,16 @@ def publish_used(qs, q, popped, used):
         store_u16_release(qs[q]["used"] + np.uint64(2), np.uint16(new))
 
 
-@kernel
+@inline_kernel
 def need_call(qs, q):
     """Whether the driver wants an interrupt for what we just published (§2.7.7, EVENT_IDX §2.7.10)."""
     fence_seq_cst()  # our used idx store before reading the driver's flags/used_event
+    return wants_call(qs, q)
+
+
+@inline_kernel
+def wants_call(qs, q):
+    """``need_call`` after the caller's own fence (one fence for several rings' publishes)."""
     new = np.int64(qs[q]["used_idx"])
     if qs[q]["event_idx"]:
         old = np.int64(qs[q]["signalled_used"])
