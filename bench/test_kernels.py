@@ -59,7 +59,7 @@ from vring.layout import (
 )
 from vring.memory import MAX_REGIONS
 from vring.ordering import store_u16, store_u16_release, store_u32
-from vring.ring import begin, publish
+from vring.ring import begin, flush_calls, publish
 from vring.split import MAX_SEGS, avail_count, avail_head, call, publish_used, put_used, walk_chain
 
 QSIZE = 512  # room for the largest batch (256) with the ring never full
@@ -339,8 +339,9 @@ def deliver_rounds(qs, drv, regions, rounds, batch, src_base, qsize, flen, s_hva
 
 
 @kernel
-def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, cap):
-    """_forward_batch TX -> RX once per round, the driver re-posting both rings; frames forwarded.
+def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, cap, rows):
+    """_forward_batch TX -> RX once per round, the driver re-posting both rings, then the call
+    decisions as net_loop settles them (``rows``: TX, RX); frames forwarded.
 
     ``scratch`` is what net_loop works in (``loop_scratch``)."""
     one, _buf, _pollfds, s_hva, s_len, sc, ob = scratch
@@ -349,6 +350,7 @@ def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, c
         _tx_post(qs, drv, batch, tx_len)
         _rx_post(qs, drv)
         done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, ob, cap)
+        flush_calls(qs, rows, counters, one)
         if done != batch:
             return -1
         out += done
@@ -439,10 +441,10 @@ def test_deliver(benchmark, rig_for, batch, size, ring):
 def test_forward(benchmark, rig_for, batch, size, ring):
     rig = rig_for(size, ring)
     rounds = rounds_for(batch)
-    scratch, cap = loop_scratch(0, np.zeros(8, np.uint64)), no_capture()
+    scratch, cap, rows = loop_scratch(0, np.zeros(8, np.uint64)), no_capture(), np.array([TX, RX], np.int64)
     got = _bench(benchmark, "forward", batch, size, rounds * batch,
                  lambda: forward_rounds(rig.qs, rig.drv, rig.counters, rig.regions, rounds, batch, NET_HDR + size,
-                                        scratch, cap),
+                                        scratch, cap, rows),
                  ring)
     assert got == rounds * batch
     assert rig.counters[RX, C_DROPS] == 0 and rig.counters[TX, C_ERRORS] == 0

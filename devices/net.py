@@ -52,7 +52,8 @@ from vring.ring import (
     begin,
     cursor,
     finish,
-    finish_pair,
+    finish_later,
+    flush_calls,
     pop,
     prefetch_batch,
     put_used,
@@ -417,7 +418,9 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
         elif r < 0:
             _mark_broken(qs, counters, dst, -r)
             dst_ok = False
-    finish_pair(qs, src, dst if dst_began else -1, counters, one)
+    finish_later(qs, src, counters)
+    if dst_began:
+        finish_later(qs, dst, counters)
     return done
 
 
@@ -448,7 +451,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
         else:
             _mark_broken(qs, counters, dst, -r)
             break
-    finish(qs, dst, counters, one)
+    finish_later(qs, dst, counters)
     return sent
 
 
@@ -461,16 +464,18 @@ def loop_scratch(nwatch: int, ostats: np.ndarray) -> tuple:
 
 
 @kernel
-def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, busy, cap, scratch):
+def net_loop(ctrl, qs, counters, regions, links, rows, watch, frame, burst, polls, busy, cap, scratch):
     """The net data plane: run every link, round after round, until told to stop.
 
     Self-measurement (as testpmd's --record-burst-stats / --record-core-cycles): polls[n]
     counts polls of a ready ring that found n frames (n capped at burst); busy[0] the cycles
-    spent in polls that found work and busy[1] the frames they moved.
+    spent in polls that found work and busy[1] the frames they moved. ``rows``: the rings the
+    links publish to, whose call decisions each round settles at its start (ring.finish_later).
     """
     one, buf, pollfds, s_hva, s_len, sc, ob = scratch
     idle = 0
     while running(ctrl):
+        flush_calls(qs, rows, counters, one)
         work = 0
         for li in range(links.shape[0]):
             src = links[li, 0]
@@ -482,7 +487,8 @@ def net_loop(ctrl, qs, counters, regions, links, watch, frame, burst, polls, bus
             else:
                 done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap)
             work += account_poll(polls, busy, burst, done, t0)
-        idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
+        idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)  # sleeps only after a round with no work
+    flush_calls(qs, rows, counters, one)  # nothing left undecided while the control plane has the rings
 
 
 def offloads_taken(features: int) -> int:
@@ -577,6 +583,7 @@ class NetDevice(Device):
         watch = sorted({int(s) for s, _, m in self.links if m != MODE_SOURCE and s >= 0}
                        | {int(d) for _, d, m in self.links if m == MODE_SOURCE})
         self.watch = np.array(watch, dtype=np.int64)
+        self.rows = np.array(sorted({int(r) for r in self.links[:, :2].ravel() if r >= 0}), dtype=np.int64)
         self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
         self.polls = np.zeros(burst + 1, np.int64)
         self.busy = np.zeros(2, np.uint64)
@@ -602,7 +609,7 @@ class NetDevice(Device):
         return np.array(links, dtype=np.int64).reshape(-1, 3)
 
     def _args(self) -> tuple:
-        return (self.qstate, self.counters, self.regions, self.links, self.watch, self.frame, self.burst,
+        return (self.qstate, self.counters, self.regions, self.links, self.rows, self.watch, self.frame, self.burst,
                 self.polls, self.busy, self.cap, self.scratch)
 
     def poll_stats(self) -> dict[str, float]:

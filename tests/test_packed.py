@@ -413,6 +413,39 @@ def test_batch_publish_order_and_wrap():
 
 
 @pytest.mark.parametrize(
+    ("lengths", "written", "flags_before"),
+    [((0, 0, 0), {2: (0, 31)}, [US, US, A1, A1 | N]),  # all three folded into the head
+     ((0, 0, 300), {2: (0, 30), 1: (300, 31)}, [US, W, A1, A1 | N])],  # data written: its own element
+)
+def test_in_order_folds_zero_length_elements(lengths, written, flags_before):
+    """With IN_ORDER a batch's zero-length used elements (a TX ring's) become one: the head takes
+    the last folded buffer id and the others are skipped (§2.8.9 "In-order"); the used position
+    still advances by every chain's descriptors. An element with data is written on its own."""
+    reset_memory()
+    main = [(R0.gpa, 3, 30, US), (R0.gpa, 4, 31, US), (R0.gpa, 1, 10, A1), (R0.gpa, 2, 20, A1 | N)]
+    gwrite(MAIN_GPA, ppack(main))
+    qs = packed_qs(4, la=2, aw=1, ui=2, uw=1)
+    qs[0]["in_order"] = 1
+    flags = lambda: [read_desc(MAIN_HVA, i)[3] for i in range(4)]  # noqa: E731
+    P.begin(qs, 0)
+    got = [kernel_pop(qs, 0, 8, 0) for _ in range(3)]
+    for g, ln in zip(got, lengths, strict=True):
+        P.put_used(qs, 0, g[2], ln, g[3])
+    descs = [read_desc(MAIN_HVA, i) for i in range(4)]
+    expect = [(d[1], d[2]) for d in main]
+    for i, v in written.items():
+        expect[i] = v
+    assert [(d[1], d[2]) for d in descs] == expect
+    assert flags() == flags_before  # nothing visible before publish but elements with data
+    P.publish(qs, 0)
+    after = list(flags_before)
+    after[2] = AV | US
+    assert flags() == after
+    q = qs[0]
+    assert (q["last_avail_idx"], q["avail_wrap"], q["used_idx"], q["used_wrap"]) == (2, 0, 2, 0)
+
+
+@pytest.mark.parametrize(
     ("size", "la", "aw", "navail", "expected"),
     [(100, 0, 1, 100, P.SCAN), (100, 90, 1, 100, P.SCAN), (100, 90, 0, 12, 12), (64, 10, 1, 64, 64),
      (5, 3, 0, 5, 5), (5, 3, 1, 2, 2), (1, 0, 1, 1, 1), (1, 0, 0, 0, 0), (100, 50, 0, 0, 0)],

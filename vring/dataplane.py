@@ -92,9 +92,11 @@ def end_round(ctrl, qs, watch, pollfds, buf, work, idle):
     if work > 0:
         ctrl[BUSY_ROUNDS] += 1
         return 0
-    cpu_relax()  # back off a little: don't pull the driver's ring lines at full speed
     idle += 1
-    if ctrl[IDLE_ROUNDS] > 0 and idle >= ctrl[IDLE_ROUNDS]:
+    if ctrl[IDLE_ROUNDS] == 0:
+        return idle  # --poll: straight back to polling (a pause here is ~40 ns of latency per round)
+    cpu_relax()  # adaptive: the idle spell is counted in rounds, so a round keeps a floor
+    if idle >= ctrl[IDLE_ROUNDS]:
         idle_sleep(ctrl, qs, watch, pollfds, buf)
         return 0
     return idle
@@ -126,7 +128,16 @@ class Worker:
         with the command already PAUSE, so it returns at once."""
         self.ctrl[CMD] = PAUSE
         t0 = time.monotonic()
-        self._loop(self.ctrl, *self._args_fn())
+        # say so when it is a cold compile (first start after an install or upgrade), not a cache load
+        notice = threading.Timer(3, lambda: log.info(
+            "worker=%s: compiling the data plane (first start only: 1-2 min here, then cached; "
+            "`vring compile` does it ahead of time)", self.name))
+        notice.daemon = True
+        notice.start()
+        try:
+            self._loop(self.ctrl, *self._args_fn())
+        finally:
+            notice.cancel()
         if time.monotonic() - t0 > 2:
             log.info("worker=%s: data plane compiled in %.1f s (kept in numba's cache for the next start)",
                      self.name, time.monotonic() - t0)

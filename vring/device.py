@@ -79,7 +79,7 @@ class Device:
 
     def compile(self) -> None:
         """Compile (or load from numba's cache) what the data plane and the control plane's jitted
-        paths run, so nothing compiles while a front-end waits. Cold: up to a minute."""
+        paths run, so nothing compiles while a front-end waits. Cold: a minute or two."""
         if self.worker is not None:
             self.worker.warm_up()
 

@@ -79,6 +79,9 @@ QSTATE = np.dtype(
         ("u_wrap", "<u4"),
         ("head_flags", "<u4"),  # packed: flags of the batch's first used element, stored last
         ("head_addr", "<u8"),
+        ("in_order", "<u4"),  # VIRTIO_F_IN_ORDER negotiated (packed: a batch's zero-length elements go as one)
+        ("u_merged", "<u4"),  # packed: every pending used element so far is folded into the batch's first
+        ("call_pending", "<u4"),  # published, the call decision left to flush_calls (vring.ring)
         # in-flight tracking (vring.inflight): host address of this queue's region, 0 = not tracked
         ("inflight", "<u8"),
         ("inflight_counter", "<u8"),

@@ -173,21 +173,31 @@ def begin_upto(qs, q, limit):
 
 @inline_kernel
 def put_used(qs, q, buf_id, length, ndesc):
-    """Write one used element at the next used position; the batch's first flags are deferred."""
+    """Write one used element at the next used position; the batch's first flags are deferred.
+
+    With IN_ORDER, zero-length elements (a TX ring's) are folded into the batch's first one: it
+    takes the last buffer id and the driver frees every chain up to it (§2.8.9), as DPDK's vhost
+    does. The driver then reads one used descriptor per batch instead of one per frame."""
     size = np.int64(qs[q]["size"])
     idx = np.int64(qs[q]["u_idx"])
     wrap = np.int64(qs[q]["u_wrap"])
-    d = qs[q]["desc"] + np.uint64(16 * idx)
-    store_u32(d + np.uint64(8), np.uint32(length))
-    store_u16(d + np.uint64(12), np.uint16(buf_id))
-    flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if wrap else 0
-    if length > 0:
-        flags |= DESC_F_WRITE  # §2.8.3: in a used descriptor WRITE says data was written (len counts)
-    if qs[q]["u_count"] == 0:
-        qs[q]["head_addr"] = d + np.uint64(14)
-        qs[q]["head_flags"] = flags
+    if qs[q]["u_count"] > 0 and qs[q]["u_merged"] and length == 0:
+        # the first element's flags are not stored yet: the driver can't be reading its id
+        store_u16(qs[q]["head_addr"] - np.uint64(2), np.uint16(buf_id))
     else:
-        store_u16_release(d + np.uint64(14), np.uint16(flags))  # after this element's id and len
+        d = qs[q]["desc"] + np.uint64(16 * idx)
+        store_u32(d + np.uint64(8), np.uint32(length))
+        store_u16(d + np.uint64(12), np.uint16(buf_id))
+        flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if wrap else 0
+        if length > 0:
+            flags |= DESC_F_WRITE  # §2.8.3: in a used descriptor WRITE says data was written (len counts)
+        if qs[q]["u_count"] == 0:
+            qs[q]["head_addr"] = d + np.uint64(14)
+            qs[q]["head_flags"] = flags
+            qs[q]["u_merged"] = 1 if qs[q]["in_order"] and length == 0 else 0
+        else:
+            store_u16_release(d + np.uint64(14), np.uint16(flags))  # after this element's id and len
+            qs[q]["u_merged"] = 0
     qs[q]["u_count"] += 1
     idx += ndesc
     if idx >= size:

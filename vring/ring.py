@@ -140,23 +140,37 @@ def finish(qs, q, counters, one):
 
 
 @inline_kernel
-def finish_pair(qs, a, b, counters, one):
-    """``finish`` the batches of rings a and b (b < 0: a only) behind one fence: a forwarding
-    batch publishes its TX and RX rings together, and their used-index stores drain at once
-    instead of one fence waiting for each (at burst 1 that is a fence per frame saved)."""
-    ua = qs[a]["u_count"]
-    ub = qs[b]["u_count"] if b >= 0 else 0
-    publish(qs, a)
-    if b >= 0:
-        publish(qs, b)
-    if ua > 0 or ub > 0:
-        fence_seq_cst()
-    if ua > 0:
-        _signal(qs, a, counters, one)
-        counters[a, C_BATCHES] += 1
-    if ub > 0:
-        _signal(qs, b, counters, one)
-        counters[b, C_BATCHES] += 1
+def finish_later(qs, q, counters):
+    """``publish`` the batch and leave the call decision to ``flush_calls``, after the next fence.
+
+    Deciding a call takes a fence (our used index before the driver's flags) and a read of the
+    driver's flags line. Done at once, the fence waits for this batch's stores to reach the other
+    core and the read misses; done just before the ring's next poll, the stores have drained and
+    the flags share a line with the avail index that poll reads anyway: at burst 1, two misses a
+    batch become one. The loop flushes before every poll round and before it returns or sleeps."""
+    used = qs[q]["u_count"]
+    publish(qs, q)
+    if used > 0:
+        qs[q]["call_pending"] = 1
+        counters[q, C_BATCHES] += 1
+
+
+@inline_kernel
+def flush_calls(qs, rows, counters, one):
+    """Signal the drivers of ``rows`` whose batches ``finish_later`` left undecided, behind one fence."""
+    pending = False
+    for i in range(rows.shape[0]):
+        if qs[rows[i]]["call_pending"]:
+            pending = True
+    if not pending:
+        return
+    fence_seq_cst()  # every used index published before any driver's suppression fields are read
+    for i in range(rows.shape[0]):
+        q = rows[i]
+        if qs[q]["call_pending"]:
+            qs[q]["call_pending"] = 0
+            if qs[q]["ready"] and not qs[q]["broken"]:
+                _signal(qs, q, counters, one)
 
 
 @kernel

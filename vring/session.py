@@ -306,7 +306,9 @@ class Session:
     def _start_common(self, q: np.void, row: int, num: int) -> None:
         q["size"] = num
         q["signalled_valid"] = 0
+        q["call_pending"] = 0
         q["event_idx"] = 1 if self.features & F.RING_EVENT_IDX else 0
+        q["in_order"] = 1 if self.features & F.IN_ORDER else 0
         q["broken"] = 0
         self.dev.setup_queue(row, self.features)
         set_kicks(self.dev.qstate, row, False)  # we poll: ask the driver not to kick
