@@ -241,7 +241,7 @@ class Runner:
         try:
             bep = self.backend(be, direction, burst, size, sock, tag, d, variant)
             procs.append(bep)
-            if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, direction)), 60, [bep]):
+            if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, direction)), 180, [bep]):  # a cold compile
                 res["error"] = "backend socket did not appear"
                 return res
             fep = self.frontend(fe, direction, burst, size, sock, tag, d, variant)

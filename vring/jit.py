@@ -24,7 +24,8 @@ def inline_kernel(fn):
     array use inside a loop pays an atomic incref/decref (a synthetic pop: 12 -> 89 ns).
     The price is compile time (cold cache: the net loop 22 s with every step a call, ~85 s with
     the per-frame and per-batch steps and the batches themselves inlined), paid once per cache.
-    Developing: numba's cache is keyed on each function's own file, so after editing an inlined
-    kernel, callers in other files keep the old copy until their file changes; remove the
-    ``__pycache__/*.nbi``/``*.nbc`` files (or touch the callers) before measuring."""
+    Developing: numba's cache is keyed on each function's own file, and after editing an inlined
+    kernel we have seen callers in other files both recompile and keep the old copy; remove the
+    ``__pycache__/*.nbi``/``*.nbc`` files before measuring. And never edit a data-plane file while
+    tests run: a device started meanwhile compiles cold (over a minute) and its test times out."""
     return njit(nogil=True, cache=True, _nrt=False, inline="always")(fn)
