@@ -157,13 +157,14 @@ def finish_later(qs, q, counters):
 
 @inline_kernel
 def flush_calls(qs, rows, counters, one):
-    """Signal the drivers of ``rows`` whose batches ``finish_later`` left undecided, behind one fence."""
+    """Signal the drivers of ``rows`` whose batches ``finish_later`` left undecided, behind one
+    fence; whether there were any."""
     pending = False
     for i in range(rows.shape[0]):
         if qs[rows[i]]["call_pending"]:
             pending = True
     if not pending:
-        return
+        return False
     fence_seq_cst()  # every used index published before any driver's suppression fields are read
     for i in range(rows.shape[0]):
         q = rows[i]
@@ -171,6 +172,7 @@ def flush_calls(qs, rows, counters, one):
             qs[q]["call_pending"] = 0
             if qs[q]["ready"] and not qs[q]["broken"]:
                 _signal(qs, q, counters, one)
+    return True
 
 
 @kernel
