@@ -1,8 +1,9 @@
 """One interface over both ring formats, so devices never branch on split vs packed.
 
 A batch on a queue: ``begin`` → ``pop`` chains (``cursor``/``rollback`` to undo tentative
-pops) → ``put_used`` for each → ``publish``; then ``call`` if the driver wants an interrupt.
-Each function dispatches on the queue's ``packed`` field to vring.split or vring.packed.
+pops) → ``put_used`` for each → ``publish``; then ``call`` if the driver wants an interrupt
+(``finish`` does both). A polling loop uses ``finish_later`` and settles the calls of every ring
+it serves with ``flush_calls`` at the start of its next round, behind one fence. Each function dispatches on the queue's ``packed`` field to vring.split or vring.packed.
 """
 from __future__ import annotations
 
