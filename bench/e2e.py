@@ -241,7 +241,8 @@ class Runner:
         try:
             bep = self.backend(be, direction, burst, size, sock, tag, d, variant)
             procs.append(bep)
-            if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, direction)), 180, [bep]):  # a cold compile
+            # 180 s: a back-end that compiles its data plane cold takes ~90 s to open its socket
+            if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, direction)), 180, [bep]):
                 res["error"] = "backend socket did not appear"
                 return res
             fep = self.frontend(fe, direction, burst, size, sock, tag, d, variant)

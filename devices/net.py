@@ -475,9 +475,7 @@ def net_loop(ctrl, qs, counters, regions, links, rows, watch, frame, burst, poll
     one, buf, pollfds, s_hva, s_len, sc, ob = scratch
     idle = 0
     while running(ctrl):
-        t0 = cycles()
-        if flush_calls(qs, rows, counters, one):
-            busy[0] += cycles() - t0  # the last round's batches' work, so counted as busy
+        busy[0] += flush_calls(qs, rows, counters, one)  # the last round's batches' work: busy
         work = 0
         for li in range(links.shape[0]):
             src = links[li, 0]
