@@ -41,6 +41,7 @@ from devices.capture import empty as no_capture
 from devices.net import MODE_FORWARD, _copy_frame, _deliver, _forward_batch, loop_scratch, new_scratch
 from devices.net import test_frame as make_frame
 from vring import packed as P
+from vring.dataplane import BUSY_SIZE, busy_ends
 from vring.frontend import GPA_BASE, NET_HDR, Frontend
 from vring.jit import kernel
 from vring.layout import (
@@ -339,7 +340,7 @@ def deliver_rounds(qs, drv, regions, rounds, batch, src_base, qsize, flen, s_hva
 
 
 @kernel
-def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, cap, rows):
+def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, cap, rows, busy):
     """_forward_batch TX -> RX once per round, the driver re-posting both rings, then the call
     decisions as net_loop settles them (``rows``: TX, RX); frames forwarded.
 
@@ -349,8 +350,9 @@ def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, c
     for _ in range(rounds):
         _tx_post(qs, drv, batch, tx_len)
         _rx_post(qs, drv)
-        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, ob, cap)
+        done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, one, s_hva, s_len, sc, ob, cap, busy)
         flush_calls(qs, rows, counters, one)
+        busy_ends(busy)
         if done != batch:
             return -1
         out += done
@@ -442,9 +444,10 @@ def test_forward(benchmark, rig_for, batch, size, ring):
     rig = rig_for(size, ring)
     rounds = rounds_for(batch)
     scratch, cap, rows = loop_scratch(0, np.zeros(8, np.uint64)), no_capture(), np.array([TX, RX], np.int64)
+    busy = np.zeros(BUSY_SIZE, np.uint64)
     got = _bench(benchmark, "forward", batch, size, rounds * batch,
                  lambda: forward_rounds(rig.qs, rig.drv, rig.counters, rig.regions, rounds, batch, NET_HDR + size,
-                                        scratch, cap, rows),
+                                        scratch, cap, rows, busy),
                  ring)
     assert got == rounds * batch
     assert rig.counters[RX, C_DROPS] == 0 and rig.counters[TX, C_ERRORS] == 0

@@ -37,12 +37,22 @@ from devices.offload import (
     make_segment,
     needs,
 )
-from vring.dataplane import Worker, account_poll, end_round, running
+from vring.dataplane import (
+    BUSY_CYCLES,
+    BUSY_FRAMES,
+    BUSY_SIZE,
+    Worker,
+    account_poll,
+    busy_begins,
+    busy_ends,
+    end_round,
+    running,
+)
 from vring.device import Device
 from vring.dirtylog import log_pieces
 from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, cycles, load_u8, load_u16, load_u64, store_u16, store_u64
+from vring.ordering import copy_bytes, load_u8, load_u16, load_u64, store_u16, store_u64
 from vring.protocol import MAX_MTU, MIN_MTU, PF, F
 from vring.ring import (
     BUF_NONE,
@@ -353,9 +363,10 @@ def _ready(qs, q):
 
 
 @inline_kernel
-def begin_batch(qs, counters, regions, q, burst, buffers):
+def begin_batch(qs, counters, regions, q, burst, buffers, busy):
     """Start a batch on ring q: -1 if it isn't ready, 0 if it has nothing (or has just broken),
-    else a hint of the chains available, whose lines are being prefetched (``buffers``: BUF_*)."""
+    else a hint of the chains available, whose lines are being prefetched (``buffers``: BUF_*),
+    and the round's busy span has begun (dataplane.busy_begins)."""
     if not _ready(qs, q):
         return -1
     n = begin(qs, q, burst)
@@ -363,15 +374,17 @@ def begin_batch(qs, counters, regions, q, burst, buffers):
         _mark_broken(qs, counters, q, -n)
         return 0
     if n > 0:
+        busy_begins(busy)
         prefetch_batch(qs, q, regions, min(n, burst), buffers)
     return n
 
 
 @inline_kernel
-def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap):
+def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap, busy):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
     capturing = cap[0][K_PORTS] != 0
-    n = begin_batch(qs, counters, regions, src, burst, BUF_NONE if mode == MODE_SINK and not capturing else BUF_READ)
+    n = begin_batch(qs, counters, regions, src, burst, BUF_NONE if mode == MODE_SINK and not capturing else BUF_READ,
+                    busy)
     if n <= 0:
         return n
     dst_ok = mode == MODE_FORWARD and _ready(qs, dst)
@@ -425,9 +438,9 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_l
 
 
 @inline_kernel
-def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap):
+def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap, busy):
     """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
-    a = begin_batch(qs, counters, regions, dst, burst, BUF_WRITE)
+    a = begin_batch(qs, counters, regions, dst, burst, BUF_WRITE, busy)
     if a <= 0:
         return a
     s_hva[0] = np.uint64(frame.ctypes.data)
@@ -468,27 +481,30 @@ def net_loop(ctrl, qs, counters, regions, links, rows, watch, frame, burst, poll
     """The net data plane: run every link, round after round, until told to stop.
 
     Self-measurement (as testpmd's --record-burst-stats / --record-core-cycles): polls[n]
-    counts polls of a ready ring that found n frames (n capped at burst); busy[0] the cycles
-    spent in polls that found work and busy[1] the frames they moved. ``rows``: the rings the
-    links publish to, whose call decisions each round settles at its start (ring.finish_later).
+    counts polls of a ready ring that found n frames (n capped at burst); busy[] the cycles of
+    busy rounds (from the first poll that found work to the end of the next round's call
+    decisions) and the frames they moved. ``rows``: the rings the links publish to, whose call
+    decisions each round settles at its start (ring.finish_later).
     """
     one, buf, pollfds, s_hva, s_len, sc, ob = scratch
     idle = 0
     while running(ctrl):
-        busy[0] += flush_calls(qs, rows, counters, one)  # the last round's batches' work: busy
+        flush_calls(qs, rows, counters, one)
+        busy_ends(busy)  # the last round's work ends with its call decisions
         work = 0
         for li in range(links.shape[0]):
             src = links[li, 0]
             dst = links[li, 1]
             mode = links[li, 2]
-            t0 = cycles()
             if mode == MODE_SOURCE:
-                done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap)
+                done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap, busy)
             else:
-                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap)
-            work += account_poll(polls, busy, burst, done, t0)
+                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap,
+                                      busy)
+            work += account_poll(polls, busy, burst, done)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)  # sleeps only after a round with no work
     flush_calls(qs, rows, counters, one)  # nothing left undecided while the control plane has the rings
+    busy_ends(busy)
 
 
 def offloads_taken(features: int) -> int:
@@ -586,7 +602,7 @@ class NetDevice(Device):
         self.rows = np.array(sorted({int(r) for r in self.links[:, :2].ravel() if r >= 0}), dtype=np.int64)
         self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
         self.polls = np.zeros(burst + 1, np.int64)
-        self.busy = np.zeros(2, np.uint64)
+        self.busy = np.zeros(BUSY_SIZE, np.uint64)
         self.ostats = np.zeros(len(OSTAT_NAMES), np.uint64)
         self.scratch = loop_scratch(len(self.watch), self.ostats)
         self.worker = Worker("net", net_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)
@@ -617,8 +633,8 @@ class NetDevice(Device):
         from vring.ordering_calibrate import ns_per_cycle
 
         total = int(self.polls.sum())
-        frames = int(self.busy[1])
-        cyc = int(self.busy[0]) / frames if frames else 0.0
+        frames = int(self.busy[BUSY_FRAMES])
+        cyc = int(self.busy[BUSY_CYCLES]) / frames if frames else 0.0
         return {
             "polls": total,
             "empty_share": float(self.polls[0]) / total if total else 0.0,

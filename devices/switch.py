@@ -44,7 +44,7 @@ from devices.net import (
     too_long,
 )
 from devices.offload import OSTAT_NAMES
-from vring.dataplane import Worker, account_poll, end_round, running
+from vring.dataplane import BUSY_SINCE, BUSY_SIZE, Worker, account_poll, busy_ends, end_round, running
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
@@ -192,13 +192,13 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, beg
 
 @kernel
 def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob, began, touched,
-                 mac_key, mac_port, mac_seen, params, st, cap):
+                 mac_key, mac_port, mac_seen, params, st, cap, busy):
     """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them."""
     src = tx_rows[port, k]
-    n = begin_batch(qs, counters, regions, src, burst, 0)
+    n = begin_batch(qs, counters, regions, src, burst, 0, busy)
     if n <= 0:
         return n
-    now = cycles()
+    now = busy[BUSY_SINCE]  # when this round found work: the clock, read once per busy round
     age = params[P_AGE]
     nports = rx_rows.shape[0]
     hl = np.uint64(qs[src]["hdr_len"])
@@ -272,10 +272,10 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
         work = 0
         for k in range(tx_rows.shape[1]):
             for p in range(tx_rows.shape[0]):
-                t0 = cycles()
                 done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob,
-                                    began, touched, mac_key, mac_port, mac_seen, params, st, cap)
-                work += account_poll(polls, busy, burst, done, t0)
+                                    began, touched, mac_key, mac_port, mac_seen, params, st, cap, busy)
+                work += account_poll(polls, busy, burst, done)
+        busy_ends(busy)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
 
 
@@ -353,7 +353,7 @@ class SwitchDevice(NetDevice):
         self.age = age
         self.cap = no_capture()  # replaced by PcapDrain.arrays() with --pcap (before start)
         self.polls = np.zeros(burst + 1, np.int64)
-        self.busy = np.zeros(2, np.uint64)
+        self.busy = np.zeros(BUSY_SIZE, np.uint64)
         self.ostats = np.zeros(len(OSTAT_NAMES), np.uint64)
         self.scratch = switch_scratch(len(self.watch), len(self.qstate), self.ostats)
         self.worker = Worker("switch", switch_loop, self._args, idle_rounds=idle_rounds, cpus=cpus)

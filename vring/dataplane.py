@@ -28,6 +28,9 @@ CMD, WAKE_FD, IDLE_ROUNDS, SLEEP_MS, ROUNDS, BUSY_ROUNDS, SLEEPS = range(7)
 CTRL_SIZE = 16
 RUN, PAUSE = 1, 0
 POLLIN = 1
+# busy[] slots (uint64): cycles of busy spans, frames they moved, start of the open span (0: none)
+BUSY_CYCLES, BUSY_FRAMES, BUSY_SINCE = range(3)
+BUSY_SIZE = 3
 
 
 @inline_kernel
@@ -72,13 +75,28 @@ def idle_sleep(ctrl, qs, watch, pollfds, buf):
 
 
 @inline_kernel
-def account_poll(polls, busy, burst, done, t0):
-    """Self-measurement of one poll that returned ``done`` (-1: ring not ready) and began at cycle
-    ``t0``: polls[n] counts polls that found n frames, busy[] the cycles and frames of busy ones.
-    Returns the frames moved."""
+def busy_begins(busy):
+    """A poll found work: the round's busy span starts now, unless an earlier poll of the round
+    started it. The clock is read once per busy round and never in an empty one: rdtsc costs
+    ~40 ns in this VM, more than the rest of an empty poll."""
+    if busy[BUSY_SINCE] == 0:
+        busy[BUSY_SINCE] = cycles()
+
+
+@inline_kernel
+def busy_ends(busy):
+    """Close the busy span a poll opened, if any: its cycles count as busy time."""
+    if busy[BUSY_SINCE] != 0:
+        busy[BUSY_CYCLES] += cycles() - busy[BUSY_SINCE]
+        busy[BUSY_SINCE] = 0
+
+
+@inline_kernel
+def account_poll(polls, busy, burst, done):
+    """Self-measurement of one poll that returned ``done`` (-1: ring not ready): polls[n] counts
+    polls that found n frames, busy[BUSY_FRAMES] the frames moved. Returns the frames moved."""
     if done > 0:
-        busy[0] += cycles() - t0
-        busy[1] += done
+        busy[BUSY_FRAMES] += done
     if done >= 0:
         polls[min(done, burst)] += 1
     return max(done, 0)

@@ -16,7 +16,7 @@ from vring import split as S
 from vring.dirtylog import log_packed_used, log_ring, log_split_used
 from vring.jit import inline_kernel, kernel
 from vring.layout import C_BATCHES, C_CALLS
-from vring.ordering import cycles, fence_seq_cst, load_u16, load_u64, prefetch_read, prefetch_write, sys_write
+from vring.ordering import fence_seq_cst, load_u16, load_u64, prefetch_read, prefetch_write, sys_write
 
 EMPTY = P.EMPTY
 # what prefetch_batch does with each chain's first buffer lines: the device reads them (TX chains
@@ -160,15 +160,13 @@ def finish_later(qs, q, counters):
 @inline_kernel
 def flush_calls(qs, rows, counters, one):
     """Signal the drivers of ``rows`` whose batches ``finish_later`` left undecided, behind one
-    fence. Returns the cycles that took (the batches' work, for busy accounting), 0 when nothing
-    was pending: an idle round reads no clock here."""
+    fence (none when nothing is pending)."""
     pending = False
     for i in range(rows.shape[0]):
         if qs[rows[i]]["call_pending"]:
             pending = True
     if not pending:
-        return np.uint64(0)
-    t0 = cycles()
+        return
     fence_seq_cst()  # every used index published before any driver's suppression fields are read
     for i in range(rows.shape[0]):
         q = rows[i]
@@ -176,7 +174,6 @@ def flush_calls(qs, rows, counters, one):
             qs[q]["call_pending"] = 0
             if qs[q]["ready"] and not qs[q]["broken"]:
                 _signal(qs, q, counters, one)
-    return cycles() - t0
 
 
 @kernel
