@@ -25,6 +25,8 @@ much CPU processes other than ours used meanwhile (``foreign_cpu``, % of one CPU
     /tmp/venv/bin/python bench/e2e.py --quick            # < 2 min: burst 32, 64 B, tx, 2 reps, 3 s
     /tmp/venv/bin/python bench/e2e.py --frontends testpmd,vring --dirs tx,rx,loop \\
         --bursts 1,8,32,64 --sizes 64,512,1500 --reps 5 --seconds 5
+    /tmp/venv/bin/python bench/e2e.py --frontends vring --rate 4 --dirs tx,loop,xconnect \\
+        --bursts 1,8,32 --sizes 64      # same offered load (4 Mpps per TX queue): compare headroom
 
 Writes bench/results/e2e.json (every run and a summary per configuration) and
 bench/results/e2e_ratio.png (vring/DPDK median ratio vs burst).
@@ -184,6 +186,14 @@ def testpmd_totals(text: str) -> dict:
     return out
 
 
+def testpmd_cycles(text: str) -> float | None:
+    """``--record-core-cycles``: ns per packet. testpmd 22.11 times each forwarding call from before its
+    RX burst to its end and adds the time only when the burst received packets (empty calls return
+    first), so this is its busy time per packet, as vring's busy_ns_per_frame."""
+    m = re.search(r"CPU cycles/packet=([\d.]+) .* at (\d+) MHz Clock", text)
+    return float(m.group(1)) * 1000 / int(m.group(2)) if m else None
+
+
 def vring_polls(text: str) -> dict | None:
     m = re.search(r"polls=(\d+) empty=([\d.]+)% full=([\d.]+)% busy_ns_per_frame=([\d.]+)", text)
     if not m:
@@ -228,6 +238,7 @@ class Runner:
                 "--",
                 f"--forward-mode={DPDK_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
                 f"--burst={burst}", f"--txpkts={size}", "--nb-cores=1", "--record-burst-stats",
+                *(["--record-core-cycles"] if self.a.dpdk_cycles else []),
                 f"--rxq={q}", f"--txq={q}"]
         return Proc("be_dpdk", argv, d)
 
@@ -239,7 +250,7 @@ class Runner:
             argv = ["taskset", "-c", str(self.fe_cpu), sys.executable, "-m", "vring", "frontend",
                     *[a for s in socks(sock, direction) for a in ("--socket", s)],
                     "--mode", FE_VRING_MODE[direction], "--burst", str(burst), "--frame-size", str(size),
-                    "--seconds", str(secs), "--wait", "60"]
+                    "--seconds", str(secs), "--wait", "60", "--rate", str(self.a.rate)]
             return Proc("fe_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.be_cpu},1@{self.fe_cpu}", "--no-pci", "--no-huge",
                 "-m", "256", f"--file-prefix={tag}_fe",
@@ -301,6 +312,8 @@ class Runner:
                 res["be_polls"] = vring_polls(bt)
             else:
                 res["be_polls"] = testpmd_bursts(bt, "TX" if direction == "rx" else "RX", burst)
+                if res["be_polls"] and self.a.dpdk_cycles:
+                    res["be_polls"]["busy_ns_per_frame"] = testpmd_cycles(bt)
             if res["be_polls"]:
                 res["empty_share"] = res["be_polls"]["empty_share"]
             if res["mpps"] is None:
@@ -344,6 +357,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             if be == "dpdk":  # testpmd's print is cut to whole percents: the exact bound from its counts
                 row["dpdk_empty_share_max"] = _dist([r["be_polls"]["empty_share_max"] for r in rs
                                                      if (r.get("be_polls") or {}).get("empty_share_max") is not None])
+            row[f"{be}_busy_ns_per_frame"] = _dist([r["be_polls"]["busy_ns_per_frame"] for r in rs
+                                                    if (r.get("be_polls") or {}).get("busy_ns_per_frame") is not None])
             row[f"{be}_failed"] = sum(1 for r in rs if r.get("mpps") is None)
         row["foreign_cpu_max"] = max((r.get("foreign_cpu") or 0 for r in sel), default=None)
         v, p = row["vring"], row["dpdk"]
@@ -401,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (after warm-up)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of traffic skipped before measuring")
+    ap.add_argument("--rate", type=float, default=0.0, metavar="MPPS",
+                    help="the in-tree generator's offered load per TX queue (default 0: unpaced); with a rate both "
+                         "back-ends carry the same load and their empty-poll shares compare their headroom")
+    ap.add_argument("--dpdk-cycles", action="store_true",
+                    help="run testpmd with --record-core-cycles and record its busy ns per packet (it then reads "
+                         "the clock on every poll, empty ones too: keep it out of runs that compare empty polls)")
     ap.add_argument("--be-cpu", type=int, default=1, help="CPU of the back-end's data plane (default 1)")
     ap.add_argument("--fe-cpu", type=int, default=0, help="CPU of the frontend's data plane (default 0)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

@@ -170,3 +170,39 @@ def test_stats_by_pid_and_default_path(sockdir, vring_proc):
     assert s["pid"] == v.proc.pid and not s["ports"][0]["connected"]
     assert v.stop() == 0
     assert not os.path.exists(path)
+
+
+def test_poll_statistics_count_each_poll_by_what_it_found(sockdir):
+    """The loop's self-measurement: a batch the driver publishes at once is one poll that found all
+    of it; its frames and the cycles of its round count as busy; every other poll found nothing."""
+    from vring.control import LocalBackend
+    from vring.dataplane import BUSY_CYCLES, BUSY_FRAMES, BUSY_SINCE
+    from vring.frontend import Frontend
+
+    b = LocalBackend([os.path.join(sockdir, "a.sock")], idle_rounds=0).start()  # --poll: never sleeps
+    try:
+        fe = Frontend(b.server.endpoints[0].path, queue_size=64)
+        fe.connect()
+        fe.setup()
+        dev = b.dev
+        wait_for = lambda cond: _poll_until(cond, 10)  # noqa: E731
+        wait_for(lambda: all(dev.qstate["ready"]) and dev.polls[0] > 1000)
+        assert dev.polls[1:].sum() == 0 and dev.busy[BUSY_FRAMES] == 0 and dev.busy[BUSY_CYCLES] == 0
+        fe.post_rx()
+        assert fe.send_frames([bytes(60)] * 8) == 8  # one avail index store: one poll finds all 8
+        wait_for(lambda: dev.busy[BUSY_FRAMES] == 8 and dev.busy[BUSY_SINCE] == 0)  # the span closed
+        assert dev.polls[8] == 1 and dev.polls[1:].sum() == 1
+        assert dev.busy[BUSY_CYCLES] > 0
+        ps = dev.poll_stats()
+        assert 0 < ps["empty_share"] < 1 and ps["ns_per_frame"] > 0
+        assert len(fe.recv_frames()) == 8  # and the loop did forward them
+        fe.close()
+    finally:
+        b.stop()
+
+
+def _poll_until(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -194,11 +194,12 @@ def cmd_frontend(args: argparse.Namespace) -> int:
             fe.connect(timeout=args.wait)
             fe.setup()
         res = run(fes, args.mode, args.seconds, burst=args.burst, frame_size=args.frame_size,
-                  report=None if args.quiet else _print_rates)
+                  report=None if args.quiet else _print_rates, rate=args.rate)
     finally:
         for fe in fes:
             fe.close()
-    print(json.dumps({"mode": args.mode, "burst": args.burst, "frame_size": args.frame_size, **res}), flush=True)
+    print(json.dumps({"mode": args.mode, "burst": args.burst, "frame_size": args.frame_size, "rate": args.rate,
+                      **res}), flush=True)
     return 0
 
 
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="txonly: send; rxonly: receive; flowgen: both (default)")
     g.add_argument("--burst", type=int, default=32)
     g.add_argument("--frame-size", type=int, default=64)
+    g.add_argument("--rate", type=float, default=0.0, metavar="MPPS",
+                   help="offered load per TX queue in Mpps, a burst at a time (default 0: as fast as the back-end "
+                        "takes frames); compares back-ends at the same load")
     g.add_argument("--queues", type=int, default=1, help="queue pairs")
     g.add_argument("--queue-size", type=int, default=256)
     g.add_argument("--seconds", type=float, default=5.0)

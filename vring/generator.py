@@ -7,6 +7,10 @@ against any vhost-user net back-end (vring net, DPDK's net_vhost).
 
 Descriptor d always owns buffer slot d; TX buffers hold the frame (behind a zero
 virtio_net_hdr) from the start, so a TX post is ring bookkeeping only, as in testpmd txonly.
+
+With a rate, each TX ring gets a burst every ``period`` cycles (no more than the back-end takes):
+two back-ends can then be compared at the same offered load, where their empty-poll shares
+say which has more headroom (testpmd's virtio-user has no software rate limit).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from vring.frontend import NET_HDR, Frontend
 from vring.jit import kernel
 from vring.layout import DESC_F_WRITE, USED_F_NO_NOTIFY
 from vring.ordering import (
+    cycles,
     fence_seq_cst,
     load_i64_acquire,
     load_u16,
@@ -33,8 +38,8 @@ from vring.ordering import (
 
 # ring table columns
 (R_SIZE, R_DESC, R_AVAIL, R_USED, R_AVAIL_IDX, R_LAST_USED, R_NFREE, R_KICK_FD, R_EVENT_IDX, R_BUF_HVA,
- R_BUF_SIZE, R_TX, R_LEN, R_PENDING) = range(14)
-N_COLS = 14
+ R_BUF_SIZE, R_TX, R_LEN, R_PENDING, R_NEXT) = range(15)
+N_COLS = 15
 # stats columns per ring
 S_PACKETS, S_BYTES, S_KICKS, S_FULL = range(4)
 MODES = ("txonly", "rxonly", "flowgen")
@@ -109,14 +114,23 @@ def _post(rings, free, stats, r, burst, one):
 
 
 @njit(nogil=True, cache=True)
-def drive(ctrl, rings, free, stats, burst):
-    """Post and reclaim on every ring until ctrl[0] becomes 0; returns -1 if a back-end misbehaved."""
+def drive(ctrl, rings, free, stats, burst, period):
+    """Post and reclaim on every ring until ctrl[0] becomes 0; returns -1 if a back-end misbehaved.
+    ``period``: cycles between one TX ring's bursts (0: post whenever there is room)."""
     one = np.ones(1, np.uint64)
     while load_i64_acquire(np.uint64(ctrl.ctypes.data)) == 1:
+        now = np.int64(cycles()) if period > 0 else np.int64(0)
         for r in range(rings.shape[0]):
             if _reclaim(rings, free, stats, r) < 0:
                 return -1
-            if rings[r, R_TX] or rings[r, R_NFREE] >= burst:
+            if rings[r, R_TX]:
+                if period == 0:
+                    _post(rings, free, stats, r, burst, one)
+                elif now >= rings[r, R_NEXT]:
+                    _post(rings, free, stats, r, burst, one)
+                    # on schedule; after a stall, catch up by one burst at most
+                    rings[r, R_NEXT] = max(rings[r, R_NEXT] + period, now - period)
+            elif rings[r, R_NFREE] >= burst:
                 _post(rings, free, stats, r, burst, one)
     return 0
 
@@ -125,7 +139,7 @@ class Generator:
     """Drive a set-up ``Frontend`` in ``mode`` from a nogil thread."""
 
     def __init__(self, fes: Frontend | list[Frontend], mode: str = "flowgen", burst: int = 32,
-                 frame_size: int = 64):
+                 frame_size: int = 64, rate: float = 0.0):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         self.fes = fes if isinstance(fes, list) else [fes]
@@ -165,8 +179,14 @@ class Generator:
                     ring.buf(d)[NET_HDR : NET_HDR + frame_size] = body
             ring.set_interrupts(False)  # we poll
         self.burst = burst
+        self.period = 0  # rate (Mpps per TX ring) as cycles between bursts
+        if rate > 0:
+            from vring.ordering_calibrate import ns_per_cycle
+
+            self.period = max(1, round(burst / rate * 1e3 / ns_per_cycle()))
         self.ctrl = np.zeros(1, np.int64)
-        drive(self.ctrl, self.rings, self.free, self.stats, np.int64(burst))  # compile now (ctrl 0: returns)
+        # compile now (ctrl 0: returns at once)
+        drive(self.ctrl, self.rings, self.free, self.stats, np.int64(burst), np.int64(self.period))
         self.result = 0
         self._thread: threading.Thread | None = None
 
@@ -176,7 +196,7 @@ class Generator:
         self._thread.start()
 
     def _run(self) -> None:
-        self.result = drive(self.ctrl, self.rings, self.free, self.stats, np.int64(self.burst))
+        self.result = drive(self.ctrl, self.rings, self.free, self.stats, np.int64(self.burst), np.int64(self.period))
 
     def stop(self) -> None:
         self.ctrl[0] = 0
@@ -194,9 +214,10 @@ class Generator:
 
 
 def run(fe: Frontend | list[Frontend], mode: str, seconds: float, burst: int = 32, frame_size: int = 64,
-        report=None) -> dict[str, float]:
-    """Generate for ``seconds``; calls report(dict) each second; returns the totals and rates."""
-    g = Generator(fe, mode, burst, frame_size)
+        report=None, rate: float = 0.0) -> dict[str, float]:
+    """Generate for ``seconds`` (``rate``: Mpps per TX ring, 0: unpaced); calls report(dict) each
+    second; returns the totals and rates."""
+    g = Generator(fe, mode, burst, frame_size, rate)
     g.start()
     t0 = last = time.monotonic()
     prev = g.totals()
