@@ -202,6 +202,16 @@ def vring_polls(text: str) -> dict | None:
             "busy_ns_per_frame": float(m.group(4))}
 
 
+def vring_totals(text: str) -> dict:
+    """The per-port counters vring net prints on exit, summed over ports: ``rx_dropped`` counts
+    frames it had for a driver's RX ring and could not place (ring full), as testpmd's TX-dropped."""
+    out: dict[str, int] = {}
+    for line in re.findall(r"^port \d+ \(.*?\): (.*)$", text, re.M):
+        for k, v in re.findall(r"(\w+)=(\d+)", line):
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def vring_fe_samples(text: str, key: str) -> list[float]:
     """Per-second rates the in-tree generator prints: '  tx   7.123 Mpps   rx   0.000 Mpps ...'."""
     return [float(x) for x in re.findall(rf"\b{key}\s+([\d.]+) Mpps", text)]
@@ -310,8 +320,10 @@ class Runner:
                 res["mpps"] = round(statistics.fmean(samples), 3)
             if be == "vring":
                 res["be_polls"] = vring_polls(bt)
+                res["be_totals"] = vring_totals(bt)
             else:
                 res["be_polls"] = testpmd_bursts(bt, "TX" if direction == "rx" else "RX", burst)
+                res["be_totals"] = testpmd_totals(bt)
                 if res["be_polls"] and self.a.dpdk_cycles:
                     res["be_polls"]["busy_ns_per_frame"] = testpmd_cycles(bt)
             if res["be_polls"]:
