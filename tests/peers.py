@@ -123,6 +123,15 @@ def short_tmpdir(prefix: str = "vr") -> str:
     return tempfile.mkdtemp(prefix=prefix + "-", dir=base)
 
 
+def wait_until(cond, timeout: float = 10.0) -> None:
+    """Poll ``cond()`` every 10 ms until it is true; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.01)
+
+
 def wait_for_socket(path: str | os.PathLike, timeout: float = 20.0,
                     proc: "PeerProcess | None" = None, connect: bool = False) -> None:
     """Wait until ``path`` is a unix socket (and accepts a connection, if ``connect``).

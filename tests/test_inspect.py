@@ -4,10 +4,10 @@ collector report the device's counters. The back-end runs in this process (Local
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
+from peers import wait_until
 
 from vring import inspect as vi
 from vring.control import ControlClient, LocalBackend
@@ -31,17 +31,9 @@ def fe(backend):
     f = Frontend(backend.server.endpoints[0].path, queue_size=QSIZE)
     f.connect()
     f.setup()
-    _wait(lambda: all(backend.dev.qstate["ready"]))
+    wait_until(lambda: all(backend.dev.qstate["ready"]))
     yield f
     f.close()
-
-
-def _wait(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError
-        time.sleep(0.01)
 
 
 def _same_rings(dev_view: vi.QueueState, drv_view: vi.QueueState) -> None:
@@ -89,7 +81,7 @@ def test_split_scripted_tx_chains(backend, fe):
         second = int(t.desc[h2]["next"])
         assert set(d.index[(d["chain"] == h2).to_numpy()]) == {h2, second, int(t.desc[second]["next"])}
     # running again: the back-end consumes both chains and publishes two used entries
-    _wait(lambda: int(t.used["idx"]) == 2)
+    wait_until(lambda: int(t.used["idx"]) == 2)
     dev_view = vi.queue(backend.dev, 0, row)
     drv_view = vi.driver_queue(fe, row)
     _same_rings(dev_view, drv_view)
@@ -112,7 +104,7 @@ def test_split_scripted_rx_and_loopback(backend, fe):
     ch = dev_view.chains()
     assert len(ch) == 5 and ch["write"].all() and (ch["len"] == fe.buf_size).all()
     assert fe.send_frames([b"\x02" * 60, b"\x03" * 100]) == 2
-    _wait(lambda: int(rx.used["idx"]) == 2)
+    wait_until(lambda: int(rx.used["idx"]) == 2)
     dev_view = vi.queue(backend.dev, 0, 0)
     drv_view = vi.driver_queue(fe, 0)
     _same_rings(dev_view, drv_view)
@@ -151,14 +143,14 @@ def test_split_indirect_chain(backend, fe):
         # the snapshot keeps the indirect table
         snap = vi.Snapshot(vi.snapshot_arrays(backend.dev))
         pd.testing.assert_frame_equal(snap.queue(0, 1).chains(), ch)
-    _wait(lambda: int(t.used["idx"]) == 1)
+    wait_until(lambda: int(t.used["idx"]) == 1)
     assert backend.dev.counters[1, COUNTER_NAMES.index("packets")] == 1
 
 
 def test_snapshot_round_trip(backend, fe, tmp_path):
     fe.post_rx(7)
     fe.send_frames([b"\x05" * 80] * 3)
-    _wait(lambda: int(fe.rx().used["idx"]) == 3)
+    wait_until(lambda: int(fe.rx().used["idx"]) == 3)
     with backend.dev.paused():
         live = {k: vi.queue(backend.dev, *k) for k in ((0, 0), (0, 1))}
         path = vi.save(backend.dev, str(tmp_path / "s.npz"))
@@ -205,7 +197,7 @@ def test_under_traffic_copies_are_consistent(backend, fe):
     g = Generator(fe, "flowgen", burst=8)
     g.start()
     try:
-        _wait(lambda: g.totals()["rx_packets"] > 1000, timeout=60)
+        wait_until(lambda: g.totals()["rx_packets"] > 1000, timeout=60)
         for _ in range(50):
             for v in (0, 1):
                 st = vi.queue(backend.dev, 0, v)
@@ -218,7 +210,7 @@ def test_under_traffic_copies_are_consistent(backend, fe):
 def test_control_sample_and_features(backend, fe):
     fe.post_rx()
     fe.send_frames([b"\x07" * 64] * 4)
-    _wait(lambda: int(fe.rx().used["idx"]) == 4)
+    wait_until(lambda: int(fe.rx().used["idx"]) == 4)
     with ControlClient(backend.control.path) as c:
         s = c.sample()
     assert s["pid"] == os.getpid() and s["nports"] == 1
@@ -240,7 +232,7 @@ def test_prometheus_scrape_parses_and_matches(backend, fe):
 
     fe.post_rx()
     fe.send_frames([b"\x09" * 64] * 3)
-    _wait(lambda: int(fe.rx().used["idx"]) == 3)
+    wait_until(lambda: int(fe.rx().used["idx"]) == 3)
     m = serve(backend.dev, backend.server, "127.0.0.1:0")
     try:
         assert m.host == "127.0.0.1"
@@ -399,7 +391,7 @@ def test_broken_queue_reason_in_sample_table_and_metrics(backend, fe):
     t = fe.tx()
     t.add_chain([(0xDEAD_0000, 64, False)])  # a buffer outside guest memory
     t.publish()
-    _wait(lambda: backend.dev.qstate[1]["broken"] != 0)
+    wait_until(lambda: backend.dev.qstate[1]["broken"] != 0)
     with ControlClient(backend.control.path) as c:
         q = {x["vring"]: x for x in c.sample()["queues"]}
     assert q[1]["broken_reason"] == "descriptor buffer outside guest memory" and q[1]["errors"] == 1

@@ -15,7 +15,7 @@ import time
 from urllib.request import urlopen
 
 import pytest
-from peers import Testpmd, require_peer
+from peers import Testpmd, require_peer, wait_until
 
 from vring import inspect as vi
 
@@ -185,12 +185,11 @@ def test_poll_statistics_count_each_poll_by_what_it_found(sockdir):
         fe.connect()
         fe.setup()
         dev = b.dev
-        wait_for = lambda cond: _poll_until(cond, 10)  # noqa: E731
-        wait_for(lambda: all(dev.qstate["ready"]) and dev.polls[0] > 1000)
+        wait_until(lambda: all(dev.qstate["ready"]) and dev.polls[0] > 1000)
         assert dev.polls[1:].sum() == 0 and dev.busy[BUSY_FRAMES] == 0 and dev.busy[BUSY_CYCLES] == 0
         fe.post_rx()
         assert fe.send_frames([bytes(60)] * 8) == 8  # one avail index store: one poll finds all 8
-        wait_for(lambda: dev.busy[BUSY_FRAMES] == 8 and dev.busy[BUSY_SINCE] == 0)  # the span closed
+        wait_until(lambda: dev.busy[BUSY_FRAMES] == 8 and dev.busy[BUSY_SINCE] == 0)  # the span closed
         assert dev.polls[8] == 1 and dev.polls[1:].sum() == 1
         assert dev.busy[BUSY_CYCLES] > 0
         ps = dev.poll_stats()
@@ -199,10 +198,3 @@ def test_poll_statistics_count_each_poll_by_what_it_found(sockdir):
         fe.close()
     finally:
         b.stop()
-
-
-def _poll_until(cond, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
