@@ -40,6 +40,7 @@ from devices.offload import (
 from vring.dataplane import (
     BUSY_CYCLES,
     BUSY_FRAMES,
+    BUSY_SINCE,
     BUSY_SIZE,
     Worker,
     account_poll,
@@ -52,7 +53,7 @@ from vring.device import Device
 from vring.dirtylog import log_pieces
 from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, load_u8, load_u16, load_u64, store_u16, store_u64
+from vring.ordering import copy_bytes, cycles, load_u8, load_u16, load_u64, store_u16, store_u64
 from vring.protocol import MAX_MTU, MIN_MTU, PF, F
 from vring.ring import (
     BUF_NONE,
@@ -75,6 +76,8 @@ log = logging.getLogger(__name__)
 
 MODE_FORWARD, MODE_SINK, MODE_SOURCE = 0, 1, 2
 MODES = ("xconnect", "loopback", "sink", "source")
+# how long frames wait in a TX ring for the receiver's buffers before they are dropped (_room)
+HOLD_US = 1000.0
 MAX_MRG = 64  # RX chains one frame may be merged over
 HDR_LEN_V1 = 12  # virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
 HDR_LEN_LEGACY = 10
@@ -197,10 +200,15 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
         cap += ln
     # virtio_net_hdr: the offload fields given (usually zero); num_buffers = chains used
     if d_len[0] >= hl:
-        h = d_hva[0]  # the common case: the header fits in the first piece, write it in place
-        store_u64(h, h0)
-        store_u16(h + np.uint64(8), h1)
-        if hl >= 12:
+        # the common case: the header fits in the first piece, written in place, and only where it
+        # differs: a recycled buffer usually holds this very header already, and a line we don't
+        # dirty is one the driver reads from its own cache (DPDK's ASSIGN_UNLESS_EQUAL)
+        h = d_hva[0]
+        if load_u64(h) != h0:
+            store_u64(h, h0)
+        if load_u16(h + np.uint64(8)) != h1:
+            store_u16(h + np.uint64(8), h1)
+        if hl >= 12 and load_u16(h + np.uint64(10)) != np.uint16(nch):
             store_u16(h + np.uint64(10), np.uint16(nch))
     else:
         for b in range(8):
@@ -380,25 +388,57 @@ def begin_batch(qs, counters, regions, q, burst, buffers, busy):
 
 
 @inline_kernel
-def _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap, busy):
-    """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them."""
+def _room(qs, dst, b, burst, hold):
+    """How many frames to take for RX vring ``dst``, which has ``b`` buffers posted (a hint).
+
+    With ``hold`` (cycles, > 0) a frame the receiver has no room for waits in its TX ring rather
+    than being dropped: the sender's ring fills and the loss, if any, is the sender's own, which it
+    counts (testpmd's TX-dropped). A receiver that stays full longer than ``hold`` gets the old
+    treatment, frames taken and dropped, so a stalled guest cannot stall its peer for good, and
+    an adaptive loop does not spin on frames it may not move. Returns 0 to hold this round."""
+    if hold <= 0:
+        return burst
+    if b > 0:
+        qs[dst]["held_since"] = 0
+        return min(b, burst)
+    now = cycles()
+    if qs[dst]["held_since"] == 0:
+        qs[dst]["held_since"] = now
+        return 0
+    if now - qs[dst]["held_since"] < np.uint64(hold):
+        return 0
+    return burst  # held long enough: take the frames (and drop them) until the receiver has room
+
+
+@inline_kernel
+def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hva, s_len, sc, ob, cap, busy):
+    """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them (``hold``:
+    see ``_room``)."""
     capturing = cap[0][K_PORTS] != 0
+    opened = busy[BUSY_SINCE] == 0
     n = begin_batch(qs, counters, regions, src, burst, BUF_NONE if mode == MODE_SINK and not capturing else BUF_READ,
                     busy)
     if n <= 0:
         return n
     dst_ok = mode == MODE_FORWARD and _ready(qs, dst)
+    limit = burst
     if dst_ok:
         b = begin(qs, dst, burst)
         if b < 0:
             _mark_broken(qs, counters, dst, -b)
             dst_ok = False
         else:
-            prefetch_batch(qs, dst, regions, min(max(b, 1), burst), BUF_WRITE)
+            limit = _room(qs, dst, b, burst, hold)
+            if limit == 0:  # nothing popped: the frames wait in src for the receiver's buffers
+                if opened:
+                    busy[BUSY_SINCE] = 0  # and a poll that moved nothing is not busy time
+                return 0
+            # only buffers already posted: taking the line the driver is refilling would stall it
+            prefetch_batch(qs, dst, regions, min(b, burst), BUF_WRITE)
     dst_began = dst_ok
     done = 0
     hl = np.uint64(qs[src]["hdr_len"])
-    for _ in range(burst):
+    for _ in range(limit):
         ns, total, bid, ndesc = pop(qs, src, regions, 0, s_hva, s_len, 0)
         if ns == EMPTY:
             break
@@ -477,7 +517,7 @@ def loop_scratch(nwatch: int, ostats: np.ndarray) -> tuple:
 
 
 @kernel
-def net_loop(ctrl, qs, counters, regions, links, rows, watch, frame, burst, polls, busy, cap, scratch):
+def net_loop(ctrl, qs, counters, regions, links, rows, watch, frame, burst, hold, polls, busy, cap, scratch):
     """The net data plane: run every link, round after round, until told to stop.
 
     Self-measurement (as testpmd's --record-burst-stats / --record-core-cycles): polls[n]
@@ -499,8 +539,8 @@ def net_loop(ctrl, qs, counters, regions, links, rows, watch, frame, burst, poll
             if mode == MODE_SOURCE:
                 done = _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap, busy)
             else:
-                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, one, s_hva, s_len, sc, ob, cap,
-                                      busy)
+                done = _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hva, s_len, sc, ob,
+                                      cap, busy)
             work += account_poll(polls, busy, burst, done)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)  # sleeps only after a round with no work
     flush_calls(qs, rows, counters, one)  # nothing left undecided while the control plane has the rings
@@ -579,7 +619,7 @@ class NetDevice(Device):
 
     def __init__(self, nports: int, mode: str, queues: int = 1, frame_size: int = 64, burst: int = 32,
                  idle_rounds: int = 20000, cpus: list[int] | None = None, disable: int = 0, mtu: int = 0,
-                 port_disable: dict[int, int] | None = None):
+                 port_disable: dict[int, int] | None = None, hold_us: float = HOLD_US):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         if mode == "xconnect" and nports != 2:
@@ -589,6 +629,14 @@ class NetDevice(Device):
         self.mode = mode
         self.queues = queues
         self.burst = burst
+        if hold_us < 0:
+            raise ValueError("hold must be >= 0 microseconds")
+        self.hold_us = hold_us
+        self.hold_cycles = 0
+        if hold_us > 0:
+            from vring.ordering_calibrate import ns_per_cycle
+
+            self.hold_cycles = max(1, int(hold_us * 1000 / ns_per_cycle()))
         self.features = int(NET_FEATURES | (F.NET_MQ if queues > 1 else 0)) & ~disable
         self.port_disable = dict(port_disable or {})  # port -> features not offered there only
         if any(not 0 <= p < nports for p in self.port_disable):
@@ -626,7 +674,7 @@ class NetDevice(Device):
 
     def _args(self) -> tuple:
         return (self.qstate, self.counters, self.regions, self.links, self.rows, self.watch, self.frame, self.burst,
-                self.polls, self.busy, self.cap, self.scratch)
+                self.hold_cycles, self.polls, self.busy, self.cap, self.scratch)
 
     def poll_stats(self) -> dict[str, float]:
         """Share of empty polls, and cycles (and ns) per frame in the rounds that found work. The

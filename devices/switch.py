@@ -177,7 +177,7 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, beg
         if b < 0:
             _mark_broken(qs, counters, row, -b)
             return nt
-        prefetch_batch(qs, row, regions, min(max(b, 1), 32), 1)
+        prefetch_batch(qs, row, regions, min(b, 32), 1)  # only buffers already posted (devices.net)
         began[row] = 1
         touched[nt] = row
         nt += 1

@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+from peers import wait_until
 
 from vring import protocol as P
 from vring.frontend import NET_HDR, Frontend
@@ -34,7 +35,7 @@ def pump(tx: Frontend, rx: Frontend, n: int, size: int = 64, timeout: float = 20
     sent = 0
     deadline = time.monotonic() + timeout
     while len(got) < n and time.monotonic() < deadline:
-        # keep no more frames in flight than rx has buffers: vring drops (never holds) what has no room
+        # keep no more frames in flight than rx has buffers: vring holds what has no room only --hold-us
         room = rx.rx().size - (sent - len(got))
         if sent < n and room >= 32:
             sent += tx.send_frames([frame(s, size) for s in range(sent, min(n, sent + 32))])
@@ -167,6 +168,53 @@ def test_absent_peer_drops_and_never_stalls(vring_proc, sockdir):
     assert v.stop() == 0
     c = v.port_counters()
     assert c[0]["tx_packets"] == sent and c[1]["rx_dropped"] == sent
+
+
+def _in_flight(t) -> int:
+    """Frames the back-end has not returned yet (after collecting what it has)."""
+    t.take_used()
+    return t.size - len(t.free)
+
+
+def test_full_receiver_holds_frames_then_drops_after_the_hold(vring_proc, sockdir):
+    """--hold-us: frames for an RX ring with no buffers wait in the TX ring (not consumed, not
+    dropped) and go through once buffers are posted; a receiver full for longer than the hold
+    gets them dropped, so a stalled guest cannot stall its sender for good."""
+    v, (a,) = start(vring_proc, sockdir, "--hold-us", "1500000")  # 1.5 s
+    fe = Frontend(a)
+    fe.connect()
+    fe.setup()  # RX ring ready, no buffers posted
+    assert fe.send_frames([frame(s) for s in range(32)]) == 32
+    time.sleep(0.5)
+    t = fe.tx()
+    assert _in_flight(t) == 32  # held: vring took none of them
+    fe.post_rx()
+    got: list[int] = []
+    deadline = time.monotonic() + 10
+    while len(got) < 32 and time.monotonic() < deadline:
+        got += [check(f) for f in fe.recv_frames()]
+    assert got == list(range(32))
+    wait_until(lambda: _in_flight(t) == 0)
+    fe.close()
+    assert v.stop() == 0
+    c = v.port_counters()[0]
+    assert c["tx_packets"] == c["rx_packets"] == 32 and c["rx_dropped"] == 0
+
+    v, (a,) = start(vring_proc, sockdir, "--hold-us", "100000")  # 0.1 s, and buffers never posted
+    fe = Frontend(a)
+    fe.connect()
+    fe.setup()
+    t0 = time.monotonic()
+    assert fe.send_frames([frame(s) for s in range(32)]) == 32
+    t = fe.tx()
+    wait_until(lambda: _in_flight(t) == 0)
+    assert time.monotonic() - t0 >= 0.1  # held for the hold, then taken
+    assert fe.send_frames([frame(s) for s in range(32)]) == 32
+    wait_until(lambda: _in_flight(t) == 0)  # still full: dropped at once now
+    fe.close()
+    assert v.stop() == 0
+    c = v.port_counters()[0]
+    assert c["tx_packets"] == c["rx_dropped"] == 64 and c["rx_packets"] == 0
 
 
 def fds_and_maps(pid: int) -> tuple[int, int]:

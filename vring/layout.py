@@ -82,6 +82,7 @@ QSTATE = np.dtype(
         ("in_order", "<u4"),  # VIRTIO_F_IN_ORDER negotiated (packed: a batch's zero-length elements go as one)
         ("u_merged", "<u4"),  # packed: every pending used element so far is folded into the batch's first
         ("call_pending", "<u4"),  # published, the call decision left to flush_calls (vring.ring)
+        ("held_since", "<u8"),  # RX (net): cycle count when a TX ring's frames began waiting for room here, 0: none
         # in-flight tracking (vring.inflight): host address of this queue's region, 0 = not tracked
         ("inflight", "<u8"),
         ("inflight_counter", "<u8"),

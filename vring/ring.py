@@ -233,7 +233,12 @@ def prefetch_batch(qs, q, regions, n, buffers):
         if hva != 0:
             # a small frame plus its header usually straddles two lines
             if buffers == BUF_WRITE:
-                prefetch_write(hva)
+                # a header alone in its line is usually left as it is (devices.net._deliver): read
+                # it shared, so the driver keeps its copy; the data's lines are written
+                if (hva >> np.uint64(6)) != ((hva + np.uint64(qs[q]["hdr_len"])) >> np.uint64(6)):
+                    prefetch_read(hva)
+                else:
+                    prefetch_write(hva)
                 prefetch_write(hva + np.uint64(63))
             else:
                 prefetch_read(hva)

@@ -33,10 +33,11 @@ CONFIG.yaml:
       sockets: [/tmp/a.sock, /tmp/b.sock]
       mode: xconnect            # default: xconnect with two sockets, loopback with one
       queues: 1                 # and burst, idle_rounds (or poll: true / interrupt: true), cpus: "1",
-      mtu: 9000                 #   disable: RING_PACKED,IN_ORDER, frame_size (source), client: true
+      mtu: 9000                 #   disable: RING_PACKED,IN_ORDER, frame_size (source), client: true,
+      hold_us: 1000             #   hold_us (vring net --hold-us)
       control: /tmp/left.ctl    # optional: vring stats --control /tmp/left.ctl
       metrics: 127.0.0.1:9101   # optional: Prometheus
-    - type: switch              # vring switch: same keys (no mode, disable, frame_size) + age, table_size
+    - type: switch              # vring switch: same keys (no mode, disable, frame_size, hold_us) + age, table_size
       sockets: [/tmp/s0.sock, /tmp/s1.sock, /tmp/s2.sock]
     - type: vsock               # vring vsock: the guests as in `vring vsock --config` (+ client, cpus)
       vms:
@@ -46,7 +47,7 @@ CONFIG.yaml:
 COMMON_KEYS = {"type", "name", "client", "control", "metrics", "cpus"}
 PORT_KEYS = {"sockets", "queues", "burst", "idle_rounds", "poll", "interrupt", "mtu"}
 KEYS = {
-    "net": COMMON_KEYS | PORT_KEYS | {"mode", "disable", "frame_size"},
+    "net": COMMON_KEYS | PORT_KEYS | {"mode", "disable", "frame_size", "hold_us"},
     "switch": COMMON_KEYS | PORT_KEYS | {"age", "table_size"},
     "vsock": COMMON_KEYS | {"vms"},
 }
@@ -156,11 +157,12 @@ def build(d: dict, index: int) -> Unit:
             port = {"queues": int(d.get("queues", 1)), "burst": int(d.get("burst", 32)),
                     "idle_rounds": _idle_rounds(d), "cpus": cpus, "mtu": int(d.get("mtu", 0))}
             if kind == "net":
-                from devices.net import NetDevice
+                from devices.net import HOLD_US, NetDevice
 
                 mode = d.get("mode") or ("xconnect" if len(sockets) == 2 else "loopback")
                 dev = NetDevice(len(sockets), mode, frame_size=int(d.get("frame_size", 64)),
-                                disable=parse_features(d["disable"]) if d.get("disable") else 0, **port)
+                                disable=parse_features(d["disable"]) if d.get("disable") else 0,
+                                hold_us=float(d.get("hold_us", HOLD_US)), **port)
             else:
                 from devices.switch import SwitchDevice
 
