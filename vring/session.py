@@ -307,6 +307,7 @@ class Session:
         q["size"] = num
         q["signalled_valid"] = 0
         q["call_pending"] = 0
+        q["held_since"] = 0  # a hold (devices.net._room) begun on the ring this one replaces is over
         q["event_idx"] = 1 if self.features & F.RING_EVENT_IDX else 0
         q["in_order"] = 1 if self.features & F.IN_ORDER else 0
         q["broken"] = 0
