@@ -52,7 +52,7 @@ from vring.dataplane import (
 from vring.device import Device
 from vring.dirtylog import log_pieces
 from vring.jit import inline_kernel, kernel
-from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
+from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_HELD, C_PACKETS
 from vring.ordering import copy_bytes, cycles, load_u8, load_u16, load_u64, store_u16, store_u64
 from vring.protocol import MAX_MTU, MIN_MTU, PF, F
 from vring.ring import (
@@ -430,6 +430,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
         else:
             limit = _room(qs, dst, b, burst, hold)
             if limit == 0:  # nothing popped: the frames wait in src for the receiver's buffers
+                counters[dst, C_HELD] += 1
                 if opened:
                     busy[BUSY_SINCE] = 0  # and a poll that moved nothing is not busy time
                 return 0
@@ -765,7 +766,8 @@ class NetDevice(Device):
         return ["offload: " + " ".join(f"{k}={v}" for k, v in self.offload_stats().items())]
 
     def port_counters(self, port: int) -> dict[str, int]:
-        """rx = frames delivered to the driver, tx = frames taken from it, drops = frames lost toward it."""
+        """rx = frames delivered to the driver, tx = frames taken from it, drops = frames lost toward it,
+        held = polls that left frames in the sending ring while this driver had no RX buffer."""
         rows = range(self.row(port, 0), self.row(port, self.nvq))
         c = self.counters
         rx_rows = [r for r in rows if (r - self.row(port, 0)) % 2 == 0]
@@ -774,6 +776,7 @@ class NetDevice(Device):
             "rx_packets": int(sum(c[r, C_PACKETS] for r in rx_rows)),
             "rx_bytes": int(sum(c[r, C_BYTES] for r in rx_rows)),
             "rx_dropped": int(sum(c[r, C_DROPS] for r in rx_rows)),
+            "rx_held": int(sum(c[r, C_HELD] for r in rx_rows)),  # polls that left frames waiting for a buffer
             "tx_packets": int(sum(c[r, C_PACKETS] for r in tx_rows)),
             "tx_bytes": int(sum(c[r, C_BYTES] for r in tx_rows)),
             "tx_dropped": int(sum(c[r, C_DROPS] for r in tx_rows)),  # longer than the MTU

@@ -199,6 +199,7 @@ def test_full_receiver_holds_frames_then_drops_after_the_hold(vring_proc, sockdi
     assert v.stop() == 0
     c = v.port_counters()[0]
     assert c["tx_packets"] == c["rx_packets"] == 32 and c["rx_dropped"] == 0
+    assert c["rx_held"] > 0  # the wait is visible (vring stats, Prometheus vring_held_total)
 
     v, (a,) = start(vring_proc, sockdir, "--hold-us", "100000")  # 0.1 s, and buffers never posted
     fe = Frontend(a)

@@ -661,6 +661,11 @@ def _device_indexes(q: np.void, memory) -> tuple[int, ...]:
     return avail_idx, used_idx, int(q["last_avail_idx"]), int(q["used_idx"])
 
 
+def _counters(saved: np.ndarray) -> dict[str, int]:
+    """A snapshot's counters by name; one saved before a counter existed reads it as 0."""
+    return {n: int(saved[i]) if i < len(saved) else 0 for i, n in enumerate(COUNTER_NAMES)}
+
+
 def _region_rows(table: np.ndarray) -> np.ndarray:
     t = table[table[:, 1] != 0]
     return t[:, :2].astype(np.uint64).copy()
@@ -884,7 +889,7 @@ class Snapshot:
         st = make_state("packed" if packed else "split", size=int(q["size"]), desc_raw=a[f"q{row}_desc"].tobytes(),
                         avail_raw=a[f"q{row}_avail"].tobytes(), used_raw=a[f"q{row}_used"].tobytes(),
                         port=port, index=index, dev={k: int(q[k]) for k in q.dtype.names},
-                        counters={n: int(v) for n, v in zip(COUNTER_NAMES, a[f"q{row}_counters"], strict=True)},
+                        counters=_counters(a[f"q{row}_counters"]),
                         regions=_region_rows(a["regions"][port]), time=float(self.meta["time"]))
         if f"q{row}_ind_addr" in a:
             desc = a[f"q{row}_ind_desc"]

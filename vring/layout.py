@@ -100,8 +100,8 @@ QSTATE = np.dtype(
 )
 
 # Per-queue counters: one uint64 row per queue.
-C_PACKETS, C_BYTES, C_DROPS, C_CALLS, C_ERRORS, C_BATCHES = range(6)
-COUNTER_NAMES = ("packets", "bytes", "drops", "calls", "errors", "batches")
+C_PACKETS, C_BYTES, C_DROPS, C_CALLS, C_ERRORS, C_BATCHES, C_HELD = range(7)
+COUNTER_NAMES = ("packets", "bytes", "drops", "calls", "errors", "batches", "held")
 N_COUNTERS = len(COUNTER_NAMES)
 
 

@@ -8,7 +8,8 @@ Metrics (labels ``device``, ``port``, ``vring``, ``queue`` (pair), ``dir`` (rx: 
 tx: from the driver)):
 
 - ``vring_packets_total``, ``vring_bytes_total``, ``vring_drops_total``, ``vring_notifications_total``
-  (calls into the driver), ``vring_errors_total``, ``vring_batches_total`` -- counters
+  (calls into the driver), ``vring_errors_total``, ``vring_batches_total``, ``vring_held_total``
+  (polls that left frames in a TX vring for want of a buffer in this RX vring) -- counters
 - ``vring_queue_ready``, ``vring_queue_broken`` (reason code, 0 = fine), ``vring_queue_size``,
   ``vring_queue_pending`` (chains available, not yet popped) -- gauges
 - ``vring_port_connected`` (per port), ``vring_poll_empty_ratio``, ``vring_rounds_total``
@@ -25,6 +26,8 @@ COUNTERS = {
     "calls": ("vring_notifications", "Notifications (call eventfd writes) sent to the driver"),
     "errors": ("vring_errors", "Malformed chains and ring errors"),
     "batches": ("vring_batches", "Data-plane batches that used the vring"),
+    "held": ("vring_held", "Polls that left frames waiting in a TX vring because this RX vring had no free buffer "
+             "(vring net --hold-us)"),
 }
 
 

@@ -62,7 +62,7 @@ def table(s: dict, r: dict | None = None):
                       p.get("features_names", ""), p.get("protocol_features_names", ""))
     t = Table(expand=False)
     for c, j in (("port", "right"), ("vring", "right"), ("dir", "left"), ("packets", "right"), ("bytes", "right"),
-                 ("Mpps", "right"), ("drops", "right"), ("calls", "right"), ("errors", "right"),
+                 ("Mpps", "right"), ("drops", "right"), ("held", "right"), ("calls", "right"), ("errors", "right"),
                  ("occupancy", "left"), ("state", "left")):
         t.add_column(c, justify=j)
     for q in s["queues"]:
@@ -78,7 +78,8 @@ def table(s: dict, r: dict | None = None):
         else:
             state = "ready" if q["ready"] else "[dim]stopped[/dim]"
         t.add_row(str(q["port"]), str(q["vring"]), q["dir"], f"{q['packets']:,}", f"{q['bytes']:,}",
-                  f"{rr['mpps']:.3f}" if "mpps" in rr else "", f"{q['drops']:,}", f"{q['calls']:,}",
+                  f"{rr['mpps']:.3f}" if "mpps" in rr else "", f"{q['drops']:,}", f"{q.get('held', 0):,}",
+                  f"{q['calls']:,}",
                   f"{q['errors']:,}", occ, state)
     poll = s.get("poll") or {}
     foot = ""
