@@ -632,7 +632,6 @@ class NetDevice(Device):
         self.burst = burst
         if hold_us < 0:
             raise ValueError("hold must be >= 0 microseconds")
-        self.hold_us = hold_us
         self.hold_cycles = 0
         if hold_us > 0:
             from vring.ordering_calibrate import ns_per_cycle

@@ -66,14 +66,15 @@ def mtu_arg(text: str) -> int:
 
 
 def cmd_net(args: argparse.Namespace) -> int:
-    from devices.net import NetDevice
+    from devices.net import HOLD_US, NetDevice
 
     mode = args.mode or ("xconnect" if len(args.socket) == 2 else "loopback")
     disable, port_disable = parse_disable(args.disable)
     try:
         dev = NetDevice(len(args.socket), mode, queues=args.queues, frame_size=args.frame_size, burst=args.burst,
                         idle_rounds=idle_rounds(args), cpus=parse_cpus(args.cpus) if args.cpus else None,
-                        disable=disable, mtu=args.mtu, port_disable=port_disable, hold_us=args.hold_us)
+                        disable=disable, mtu=args.mtu, port_disable=port_disable,
+                        hold_us=HOLD_US if args.hold_us is None else args.hold_us)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     return serve_backend(dev, args, f"vring net: mode={mode}", {"mode": mode})
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with PORT= (0-based, the order of --socket) on that port only; repeatable "
                         "(the negotiated set of each port is logged)")
     n.add_argument("--frame-size", type=int, default=64, help="frame size for --mode source (default 64)")
-    n.add_argument("--hold-us", type=float, default=1000.0, metavar="US",
+    n.add_argument("--hold-us", type=float, metavar="US",  # default devices.net.HOLD_US
                    help="xconnect/loopback: a frame the receiving ring has no buffer for waits in the sender's "
                         "ring up to US microseconds (the sender sees a full ring and counts its own drops) before "
                         "frames are dropped here; 0: drop at once, as DPDK's vhost does (default 1000)")
