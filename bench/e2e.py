@@ -17,10 +17,14 @@ in-tree generator). The rate is always read on the frontend side, so both back-e
 with the same ruler: testpmd's own per-period pps samples (TSC-timed), or the in-tree generator's
 per-second counts; the first ``--warmup`` seconds after traffic starts are skipped.
 
-Also recorded per run: the back-end's empty-poll share (vring prints ``polls=N empty=X% ...`` on
-exit; testpmd ``--record-burst-stats`` prints ``RX-bursts : N [X% of 0 pkts ...]``), and how
-much CPU processes other than ours used meanwhile (``foreign_cpu``, % of one CPU): on a shared
-2-core machine a run with foreign load is not clean.
+Also recorded per run: the back-end's empty-poll share over the measured window (``window``:
+vring's poll counters read through its control socket at the window's start and end; testpmd,
+run interactive, prints its ``--record-burst-stats`` counts on ``show fwd stats all`` at the same
+two moments, and its share is the upper bound those counts allow, as packets / burst of its
+bursts at least were not empty), the same over the back-end's whole life (``be_polls``: testpmd
+polls from its start, long before the front-end connects, so that share says more about start-up
+than headroom), and how much CPU processes other than ours used meanwhile (``foreign_cpu``, % of
+one CPU): on a shared 2-core machine a run with foreign load is not clean.
 
     /tmp/venv/bin/python bench/e2e.py --quick            # < 2 min: burst 32, 64 B, tx, 2 reps, 3 s
     /tmp/venv/bin/python bench/e2e.py --frontends testpmd,vring --dirs tx,rx,loop \\
@@ -63,6 +67,11 @@ def socks(sock: str, direction: str) -> list[str]:
     return [sock, sock.replace(".sock", "b.sock")] if direction == "xconnect" else [sock]
 
 
+def control(sock: str) -> str:
+    """vring's control socket for a run (vring stats and e2e's window samples read it)."""
+    return sock.replace(".sock", ".ctl")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -71,14 +80,35 @@ def log(msg: str) -> None:
 class Proc:
     """A child in its own session, output to a log file, stopped by its PID."""
 
-    def __init__(self, name: str, argv: list[str], logdir: str, env: dict | None = None):
+    def __init__(self, name: str, argv: list[str], logdir: str, env: dict | None = None, commands: bool = False):
         self.name = name
         self.argv = argv
         self.log_path = os.path.join(logdir, f"{name}.log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.PIPE if commands else subprocess.DEVNULL,
+                                     start_new_session=True, cwd=ROOT, env=env, text=True)
         self.pid = self.proc.pid
+
+    def command(self, line: str, until: str, timeout: float = 10.0) -> str:
+        """Send one line to an interactive child (``commands=True``) and return its output up to the
+        first match of the regex ``until`` ("" if it did not come within ``timeout``)."""
+        off = len(self.text())
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return ""
+        found: list[str] = []
+
+        def done() -> bool:
+            m = re.search(until, self.text()[off:])
+            if m:
+                found.append(self.text()[off:][: m.end()])
+            return m is not None
+
+        wait_for(done, timeout, [self])
+        return found[0] if found else ""
 
     def text(self) -> str:
         try:
@@ -153,7 +183,7 @@ def testpmd_bursts(text: str, which: str, burst: int) -> dict | None:
     down (99 % is 99.0-99.9 %), so ``x`` is that print weighted over the ports and ``y`` the exact
     upper bound its counts allow: a burst moves at most ``burst`` packets, so at least
     packets / burst of the N bursts were not empty."""
-    total = empty_floor = nonempty_min = 0
+    total = packets = empty_floor = nonempty_min = 0
     spread: dict[int, float] = {}
     # one block per port, or per stream when there are more streams than ports (queues > 1)
     for block in re.split(r"Forward statistics for port|Forward Stats for RX Port", text)[1:]:
@@ -166,12 +196,56 @@ def testpmd_bursts(text: str, which: str, burst: int) -> dict | None:
         for b, x in shares.items():
             spread[b] = spread.get(b, 0.0) + x * n
         total += n
+        packets += int(pk.group(1))
         empty_floor += shares.get(0, 0.0) * n
         nonempty_min += -(-int(pk.group(1)) // burst)
     if not total:
         return None
-    return {"bursts": total, "empty_share": empty_floor / total, "empty_share_max": 1 - nonempty_min / total,
-            "spread": {b: round(x / total, 4) for b, x in spread.items()}}
+    return {"bursts": total, "packets": packets, "empty_share": empty_floor / total,
+            "empty_share_max": 1 - nonempty_min / total, "spread": {b: round(x / total, 4) for b, x in spread.items()}}
+
+
+# the end of testpmd's "show fwd stats all" / "stop" print: the accumulated block's closing line
+TESTPMD_STATS_END = r"Accumulated forward statistics[^\n]*\n(?:[^\n]*\n)*?\s*\+{20,}\s*\n"
+
+
+def dpdk_window(a: dict | None, b: dict | None, burst: int) -> dict | None:
+    """testpmd's bursts and packets between two prints of ``testpmd_bursts``: the share of empty
+    bursts is at most 1 - (packets / burst) / bursts (the printed percentages can't be differenced)."""
+    if not a or not b or b["bursts"] <= a["bursts"]:
+        return None
+    n, pk = b["bursts"] - a["bursts"], b["packets"] - a["packets"]
+    return {"bursts": n, "packets": pk, "empty_share_max": 1 - -(-pk // burst) / n}
+
+
+def vring_sample(path: str) -> dict | None:
+    """vring's poll counters now, from its control socket (vring.control, the ``sample`` request)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(path)
+            s.sendall(b'{"cmd": "sample"}\n')
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+        return json.loads(buf).get("poll")
+    except (OSError, ValueError):
+        return None
+
+
+def vring_window(a: dict | None, b: dict | None) -> dict | None:
+    """vring's polls, empty polls and busy time between two ``vring_sample``s."""
+    if not a or not b or "empty" not in a or "empty" not in b or b["polls"] <= a["polls"]:
+        return None
+    n, e, f, c = (b[k] - a[k] for k in ("polls", "empty", "frames", "busy_cycles"))
+    ns_per_cycle = b["ns_per_frame"] / b["cycles_per_frame"] if b.get("cycles_per_frame") else 0.0
+    return {"polls": n, "frames": f, "empty_share": e / n,
+            "busy_ns_per_frame": c / f * ns_per_cycle if f else None}
 
 
 def testpmd_totals(text: str) -> dict:
@@ -180,7 +254,7 @@ def testpmd_totals(text: str) -> dict:
     if len(acc) > 1:
         for k, pat in (("rx", r"RX-packets:\s+(\d+)\s+RX-dropped:\s+(\d+)"),
                        ("tx", r"TX-packets:\s+(\d+)\s+TX-dropped:\s+(\d+)")):
-            m = re.search(pat, acc[1])
+            m = re.search(pat, acc[-1])  # the last print: when forwarding stopped
             if m:
                 out[f"{k}_packets"], out[f"{k}_dropped"] = int(m.group(1)), int(m.group(2))
     return out
@@ -237,7 +311,7 @@ class Runner:
         q = VARIANTS[variant][1]
         if kind == "vring":
             argv = ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net",
-                    *[a for s in socks(sock, direction) for a in ("--socket", s)],
+                    *[a for s in socks(sock, direction) for a in ("--socket", s)], "--control", control(sock),
                     "--mode", VRING_MODE[direction], "--poll", "--cpus", str(self.be_cpu), "--burst", str(burst),
                     "--frame-size", str(size), "--queues", str(q)]
             return Proc("be_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -246,11 +320,20 @@ class Runner:
                 *[a for i, s in enumerate(socks(sock, direction))
                   for a in ("--vdev", f"net_vhost{i},iface={s},queues={q}")],
                 "--",
-                f"--forward-mode={DPDK_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
+                # interactive, forwarding from the start: e2e asks for its stats at the window's ends
+                "-i", "--auto-start",
+                f"--forward-mode={DPDK_MODE[direction]}", "--total-num-mbufs=16384",
                 f"--burst={burst}", f"--txpkts={size}", "--nb-cores=1", "--record-burst-stats",
                 *(["--record-core-cycles"] if self.a.dpdk_cycles else []),
                 f"--rxq={q}", f"--txq={q}"]
-        return Proc("be_dpdk", argv, d)
+        return Proc("be_dpdk", argv, d, commands=True)
+
+    def window_mark(self, be: str, bep: Proc, sock: str, direction: str, burst: int) -> dict | None:
+        """The back-end's poll counts now (see ``dpdk_window`` / ``vring_window``)."""
+        if be == "vring":
+            return vring_sample(control(sock))
+        out = bep.command("show fwd stats all", TESTPMD_STATS_END)
+        return testpmd_bursts(out, "TX" if direction == "rx" else "RX", burst)
 
     def frontend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str,
                  variant: str = "split") -> Proc:
@@ -297,13 +380,18 @@ class Runner:
                 res["error"] = "no traffic at the frontend within 60 s"
                 return res
             c0, o0, t0 = cpu_total(), sum(p.cpu_jiffies() for p in procs), time.monotonic()
-            time.sleep(self.a.warmup + self.a.seconds - (0 if fe == "testpmd" else 0.5))
+            time.sleep(self.a.warmup)
+            w0 = self.window_mark(be, bep, sock, direction, burst)
+            time.sleep(max(0.0, self.a.seconds - (0 if fe == "testpmd" else 0.5)))
+            w1 = self.window_mark(be, bep, sock, direction, burst)
             c1, o1, t1 = cpu_total(), sum(p.cpu_jiffies() for p in procs), time.monotonic()
             if fe == "vring":
                 wait_for(lambda: not fep.alive(), 30, [])  # it stops itself after --seconds
             hz = os.sysconf("SC_CLK_TCK")
             res["foreign_cpu"] = round(max(0.0, ((c1 - c0) - (o1 - o0)) / hz / max(t1 - t0, 1e-3) * 100), 1)
             fep.stop()
+            if be == "dpdk":  # its final stats (the loss accounting reads them) before it goes
+                bep.command("stop", TESTPMD_STATS_END)
             bep.stop()
             ft, bt = fep.text(), bep.text()
             if fe == "testpmd":
@@ -321,13 +409,17 @@ class Runner:
             if be == "vring":
                 res["be_polls"] = vring_polls(bt)
                 res["be_totals"] = vring_totals(bt)
+                res["window"] = vring_window(w0, w1)
             else:
-                res["be_polls"] = testpmd_bursts(bt, "TX" if direction == "rx" else "RX", burst)
+                i = bt.rfind("Telling cores to stop")
+                last = bt[i:] if i >= 0 else bt  # the print at stop covers the whole run
+                res["be_polls"] = testpmd_bursts(last, "TX" if direction == "rx" else "RX", burst)
                 res["be_totals"] = testpmd_totals(bt)
                 if res["be_polls"] and self.a.dpdk_cycles:
-                    res["be_polls"]["busy_ns_per_frame"] = testpmd_cycles(bt)
-            if res["be_polls"]:
-                res["empty_share"] = res["be_polls"]["empty_share"]
+                    res["be_polls"]["busy_ns_per_frame"] = testpmd_cycles(last)
+                res["window"] = dpdk_window(w0, w1, burst)
+            if res["window"]:  # DPDK's: the upper bound its counts allow
+                res["empty_share"] = res["window"].get("empty_share", res["window"].get("empty_share_max"))
             if res["mpps"] is None:
                 res["error"] = "no samples after warm-up"
             return res
@@ -337,7 +429,7 @@ class Runner:
             res["seconds"] = round(time.monotonic() - t_start, 1)
             for suffix in ("_be", "_fe"):
                 shutil.rmtree(os.path.join(DPDK_RUN, tag + suffix), ignore_errors=True)
-            for s in socks(sock, direction):
+            for s in [*socks(sock, direction), control(sock)]:
                 try:
                     os.unlink(s)
                 except FileNotFoundError:
@@ -365,12 +457,18 @@ def summarize(runs: list[dict]) -> list[dict]:
         for be in ("vring", "dpdk"):
             rs = [r for r in sel if r["backend"] == be]
             row[be] = _dist([r["mpps"] for r in rs if r.get("mpps") is not None])
+            # over the measured window (DPDK's: the upper bound its counts allow), then over the
+            # back-end's whole life (DPDK's as printed, cut to whole percents, and its bound)
             row[f"{be}_empty_share"] = _dist([r["empty_share"] for r in rs if r.get("empty_share") is not None])
-            if be == "dpdk":  # testpmd's print is cut to whole percents: the exact bound from its counts
-                row["dpdk_empty_share_max"] = _dist([r["be_polls"]["empty_share_max"] for r in rs
-                                                     if (r.get("be_polls") or {}).get("empty_share_max") is not None])
-            row[f"{be}_busy_ns_per_frame"] = _dist([r["be_polls"]["busy_ns_per_frame"] for r in rs
-                                                    if (r.get("be_polls") or {}).get("busy_ns_per_frame") is not None])
+            row[f"{be}_empty_share_run"] = _dist([r["be_polls"]["empty_share"] for r in rs
+                                                  if (r.get("be_polls") or {}).get("empty_share") is not None])
+            if be == "dpdk":
+                row["dpdk_empty_share_max_run"] = _dist([r["be_polls"]["empty_share_max"] for r in rs
+                                                         if (r.get("be_polls") or {}).get("empty_share_max")
+                                                         is not None])
+            busy = [(r.get("window") or {}).get("busy_ns_per_frame") or (r.get("be_polls") or {}).get(
+                "busy_ns_per_frame") for r in rs]
+            row[f"{be}_busy_ns_per_frame"] = _dist([b for b in busy if b])
             row[f"{be}_failed"] = sum(1 for r in rs if r.get("mpps") is None)
         row["foreign_cpu_max"] = max((r.get("foreign_cpu") or 0 for r in sel), default=None)
         v, p = row["vring"], row["dpdk"]
@@ -488,15 +586,17 @@ def main(argv: list[str] | None = None) -> int:
     out_png = os.path.join(args.out, "e2e_ratio.png")
     plot(summary, out_png)
     print("| frontend | variant | dir | burst | size | vring Mpps med (min-max) | DPDK Mpps med (min-max) | "
-          "ratio med | vring empty | DPDK empty (printed / bound) | foreign CPU max |")
+          "ratio med | empty polls in the window: vring / DPDK (bound) | whole life: vring / DPDK (bound) | "
+          "foreign CPU max |")
     print("|---|---|---|---:|---:|---|---|---:|---:|---:|---:|")
     fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})" if d else "failed"  # noqa: E731
     pct = lambda d, nd=1: f"{d['median']:.{nd}%}" if d else "-"  # noqa: E731
     for s in summary:
         ratio = s["ratio_median"] if s["ratio_median"] is not None else "-"
         print(f"| {s['frontend']} | {s['variant']} | {s['dir']} | {s['burst']} | {s['size']} | {fmt(s['vring'])} | "
-              f"{fmt(s['dpdk'])} | {ratio} | {pct(s['vring_empty_share'])} | "
-              f"{pct(s['dpdk_empty_share'], 0)} / {pct(s.get('dpdk_empty_share_max'), 2)} | {s['foreign_cpu_max']}% |")
+              f"{fmt(s['dpdk'])} | {ratio} | {pct(s['vring_empty_share'])} / {pct(s['dpdk_empty_share'])} | "
+              f"{pct(s['vring_empty_share_run'])} / {pct(s.get('dpdk_empty_share_max_run'))} | "
+              f"{s['foreign_cpu_max']}% |")
     print(f"elapsed {time.monotonic() - t_all:.0f} s; wrote {out_json} and {out_png}")
     return 0 if all(r.get("mpps") is not None for r in runs) and runs else 1
 

@@ -687,6 +687,9 @@ class NetDevice(Device):
         cyc = int(busy[BUSY_CYCLES]) / frames if frames else 0.0
         return {
             "polls": total,
+            "empty": int(polls[0]),  # raw counts too, so a reader can difference two samples
+            "frames": frames,
+            "busy_cycles": int(busy[BUSY_CYCLES]),
             "empty_share": float(polls[0]) / total if total else 0.0,
             "full_share": float(polls[-1]) / total if total else 0.0,
             "cycles_per_frame": cyc,

@@ -200,6 +200,9 @@ def test_poll_statistics_count_each_poll_by_what_it_found(sockdir):
         assert dev.busy[BUSY_CYCLES] > 0
         ps = dev.poll_stats()
         assert 0 < ps["empty_share"] < 1 and ps["ns_per_frame"] > 0
+        # the raw counts behind the shares, for readers that difference two samples (bench/e2e.py)
+        assert ps["frames"] == 8 and ps["busy_cycles"] > 0 and 0 < ps["empty"] < ps["polls"]
+        assert ps["empty"] / ps["polls"] == ps["empty_share"]
         assert len(fe.recv_frames()) == 8  # and the loop did forward them
         fe.close()
     finally:
