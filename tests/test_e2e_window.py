@@ -1,0 +1,77 @@
+"""bench/e2e.py's empty-poll window: two prints of testpmd's (and two samples of vring's) poll
+counts, differenced. The testpmd text is what DPDK 22.11's testpmd printed for `show fwd stats all`
+here (net_vhost in io mode behind a virtio-user flowgen, burst 1), 5 s apart."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+E2E = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "e2e.py")
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("e2e", E2E)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _print(rx_packets: int, tx_packets: int, rx_bursts: int, shares: str) -> str:
+    return f"""testpmd> show fwd stats all
+
+  ---------------------- Forward statistics for port 0  ----------------------
+  RX-packets: {rx_packets}       RX-dropped: 0             RX-total: {rx_packets}
+  TX-packets: {tx_packets}       TX-dropped: 301           TX-total: {tx_packets}
+  RX-bursts : {rx_bursts} [{shares}]
+  TX-bursts : {tx_packets} [0% of 0 pkts + 100% of 1 pkts]
+  ----------------------------------------------------------------------------
+
+  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++
+  RX-packets: {rx_packets}       RX-dropped: 0             RX-total: {rx_packets}
+  TX-packets: {tx_packets}       TX-dropped: 301           TX-total: {tx_packets}
+  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++
+testpmd> """
+
+
+FIRST = _print(4819659, 4819539, 192950906, "97% of 0 pkts + 3% of 1 pkts")
+SECOND = _print(15702034, 15701733, 205686887, "92% of 0 pkts + 8% of 1 pkts")
+
+
+def test_testpmd_window_is_the_difference_of_two_prints(e2e):
+    a, b = e2e.testpmd_bursts(FIRST, "RX", 1), e2e.testpmd_bursts(SECOND, "RX", 1)
+    assert (a["bursts"], a["packets"]) == (192950906, 4819659)
+    # over its whole life testpmd looks 92 % idle: most of those polls came before the front-end connected
+    assert b["empty_share"] == pytest.approx(0.92)
+    w = e2e.dpdk_window(a, b, 1)
+    assert w["bursts"] == 205686887 - 192950906 and w["packets"] == 15702034 - 4819659
+    # in the window at most 1 - packets / bursts were empty (burst 1: exactly that)
+    assert w["empty_share_max"] == pytest.approx(1 - 10882375 / 12735981)
+    assert w["empty_share_max"] < 0.15
+    assert e2e.dpdk_window(b, a, 1) is None  # counts that went backwards: no window
+    assert e2e.dpdk_window(None, b, 1) is None
+
+
+def test_the_end_of_a_print_is_found(e2e):
+    text = "noise\n" + SECOND + "more"
+    m = re.search(e2e.TESTPMD_STATS_END, text)
+    assert m and text[: m.end()].rstrip().endswith("+" * 20)
+    assert re.search(e2e.TESTPMD_STATS_END, SECOND.split("+++++++++++++++ Accumulated")[0]) is None
+    # the final totals come from the last print (when forwarding stopped), not an earlier one
+    assert e2e.testpmd_totals(FIRST + SECOND)["rx_packets"] == 15702034
+
+
+def test_vring_window(e2e):
+    a = {"polls": 1000, "empty": 900, "frames": 3200, "busy_cycles": 320000, "cycles_per_frame": 100.0,
+         "ns_per_frame": 50.0}
+    b = {"polls": 3000, "empty": 2500, "frames": 19200, "busy_cycles": 1920000, "cycles_per_frame": 100.0,
+         "ns_per_frame": 50.0}
+    w = e2e.vring_window(a, b)
+    assert w["polls"] == 2000 and w["frames"] == 16000
+    assert w["empty_share"] == pytest.approx(1600 / 2000)
+    assert w["busy_ns_per_frame"] == pytest.approx(1600000 / 16000 * 0.5)
+    assert e2e.vring_window(b, a) is None
+    assert e2e.vring_window({"polls": 1}, b) is None  # a sample from a vring without raw counts
