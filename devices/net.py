@@ -103,6 +103,9 @@ NET_PROTOCOL_FEATURES = (
 )
 
 
+HELD = -2000  # _send: the frame waits in its TX ring for more RX buffers (not a -BROKEN_* code)
+
+
 @kernel
 def _mark_broken(qs, counters, q, code):
     if not qs[q]["broken"]:
@@ -188,6 +191,7 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
         m, ln, bid, ndesc = pop(qs, dst, regions, 1, d_hva, d_len, nd)
         if m == EMPTY:
             rollback(qs, dst, c0)
+            qs[dst]["rx_short"] = 1  # more buffers could take it: a sender may hold it (_send)
             return 0
         if m < 0:
             rollback(qs, dst, c0)
@@ -251,12 +255,13 @@ def _count(counters, dst, r, flen):
 
 
 @inline_kernel
-def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob):
+def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, may_hold):
     """Deliver one frame from a TX chain (after its ``hl``-byte virtio_net_hdr) into RX vring dst.
 
     The header's offload request (checksum, TCP segmentation) is passed through if dst's driver
     negotiated it, else completed here (``_complete``). Counts dst's packets, bytes and drops.
-    Returns the frames delivered (0: dropped) or -BROKEN_* (dst broke; not yet marked).
+    Returns the frames delivered (0: dropped) or -BROKEN_* (dst broke; not yet marked), or with
+    ``may_hold`` HELD, uncounted, when dst has buffers posted but too few for the frame yet.
     """
     h0 = np.uint64(0)
     h1 = np.uint16(0)
@@ -285,7 +290,12 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob):
     else:
         h0 = np.uint64(0)  # gso_type NONE: the other fields mean nothing (§5.1.6.2)
         h1 = np.uint16(0)
-    return _count(counters, dst, _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1), flen)
+    if may_hold:
+        qs[dst]["rx_short"] = 0
+    r = _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1)
+    if r == 0 and may_hold and qs[dst]["rx_short"] != 0:
+        return HELD
+    return _count(counters, dst, r, flen)
 
 
 @kernel
@@ -388,6 +398,17 @@ def begin_batch(qs, counters, regions, q, burst, buffers, busy):
 
 
 @inline_kernel
+def _holding(qs, dst, hold):
+    """Whether frames for RX vring ``dst`` may wait (longer) for its buffers: the wait began now
+    or less than ``hold`` cycles ago. It ends (``held_since`` 0) when a frame gets through."""
+    now = cycles()
+    if qs[dst]["held_since"] == 0:
+        qs[dst]["held_since"] = now
+        return True
+    return now - qs[dst]["held_since"] < np.uint64(hold)
+
+
+@inline_kernel
 def _room(qs, dst, b, burst, hold):
     """How many frames to take for RX vring ``dst``, which has ``b`` buffers posted (a hint).
 
@@ -399,13 +420,8 @@ def _room(qs, dst, b, burst, hold):
     if hold <= 0:
         return burst
     if b > 0:
-        qs[dst]["held_since"] = 0
-        return min(b, burst)
-    now = cycles()
-    if qs[dst]["held_since"] == 0:
-        qs[dst]["held_since"] = now
-        return 0
-    if now - qs[dst]["held_since"] < np.uint64(hold):
+        return min(b, burst)  # (a frame that needs more buffers than these waits too: _forward_batch)
+    if _holding(qs, dst, hold):
         return 0
     return burst  # held long enough: take the frames (and drop them) until the receiver has room
 
@@ -438,40 +454,53 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
             prefetch_batch(qs, dst, regions, min(b, burst), BUF_WRITE)
     dst_began = dst_ok
     done = 0
+    sent = 0
     hl = np.uint64(qs[src]["hdr_len"])
     for _ in range(limit):
+        c = cursor(qs, src)
         ns, total, bid, ndesc = pop(qs, src, regions, 0, s_hva, s_len, 0)
         if ns == EMPTY:
             break
         if ns < 0:
             _mark_broken(qs, counters, src, -ns)
             break
-        put_used(qs, src, bid, 0, ndesc)
-        done += 1
+        flen = total - hl if total >= hl else np.uint64(0)
+        r = 0
         if total < hl:
             counters[src, C_ERRORS] += 1  # a runt without a full header: nothing to forward
-            continue
-        flen = total - hl
-        if too_long(qs, src, s_hva, s_len, ns, hl, flen):
+        elif too_long(qs, src, s_hva, s_len, ns, hl, flen):
             counters[src, C_DROPS] += 1  # longer than the MTU the front-end set (or --mtu)
-            continue
-        counters[src, C_PACKETS] += 1
-        counters[src, C_BYTES] += flen
-        if capturing:
-            capture(cap[0], cap[1], cap[2], src, DIR_FROM_GUEST, s_hva, s_len, ns, hl, flen)
-        if mode == MODE_SINK:
-            continue
-        if not dst_ok:
-            if dst >= 0:
-                counters[dst, C_DROPS] += 1
-            continue
-        r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob)
-        if r > 0:
+        else:
+            if mode == MODE_FORWARD and dst_ok:
+                # the frame is sent before its TX chain is given back, so one that must wait for
+                # more RX buffers (a multi-buffer frame, mergeable) can stay in the TX ring
+                r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, hold > 0)
+                if r == HELD:
+                    if _holding(qs, dst, hold):
+                        rollback(qs, src, c)
+                        counters[dst, C_HELD] += 1
+                        if done == 0 and opened:
+                            busy[BUSY_SINCE] = 0
+                        break
+                    counters[dst, C_DROPS] += 1  # held long enough
+                    r = 0
+            counters[src, C_PACKETS] += 1
+            counters[src, C_BYTES] += flen
             if capturing:
-                capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
-        elif r < 0:
-            _mark_broken(qs, counters, dst, -r)
-            dst_ok = False
+                capture(cap[0], cap[1], cap[2], src, DIR_FROM_GUEST, s_hva, s_len, ns, hl, flen)
+            if mode == MODE_FORWARD and not dst_ok and dst >= 0:
+                counters[dst, C_DROPS] += 1
+            elif r > 0:
+                sent += 1
+                if capturing:
+                    capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
+            elif r < 0:
+                _mark_broken(qs, counters, dst, -r)
+                dst_ok = False
+        put_used(qs, src, bid, 0, ndesc)
+        done += 1
+    if sent > 0 and hold > 0:
+        qs[dst]["held_since"] = 0  # a frame got through: any wait for dst's buffers is over
     finish_later(qs, src, counters)
     if dst_began:
         finish_later(qs, dst, counters)

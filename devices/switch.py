@@ -181,7 +181,7 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, beg
         began[row] = 1
         touched[nt] = row
         nt += 1
-    r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob)  # counts packets, bytes, drops
+    r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, False)  # counts packets, bytes, drops
     if r > 0:
         if cap[0][K_PORTS] != 0:
             capture(cap[0], cap[1], cap[2], row, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)

@@ -218,6 +218,58 @@ def test_full_receiver_holds_frames_then_drops_after_the_hold(vring_proc, sockdi
     assert c["tx_packets"] == c["rx_dropped"] == 64 and c["rx_packets"] == 0
 
 
+def test_frame_needing_more_buffers_than_posted_waits_for_them(vring_proc, sockdir):
+    """--hold-us with a frame that needs several mergeable RX buffers: while the receiver has some
+    posted but too few for it, the frame stays in the TX ring (not dropped for want of the rest)
+    and arrives whole once enough are posted; too few for longer than the hold, it is dropped and
+    the buffers stay posted."""
+
+    def post_small(fe: Frontend, n: int) -> None:
+        r = fe.rx()
+        for _ in range(n):
+            r.add_buffer(writable=True, length=256)  # 6 of them take a 1500-byte frame and its header
+        r.publish()
+
+    v, (a,) = start(vring_proc, sockdir, "--hold-us", "1500000")  # 1.5 s
+    fe = Frontend(a)
+    fe.connect()
+    fe.setup()
+    assert fe.features & F.NET_MRG_RXBUF
+    post_small(fe, 3)
+    assert fe.send_frames([frame(5, size=1500)]) == 1
+    time.sleep(0.5)
+    t = fe.tx()
+    assert _in_flight(t) == 1  # held: three buffers are not enough
+    assert fe.rx().take_used() == []
+    post_small(fe, 3)
+    got: list[bytes] = []
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        got = fe.recv_frames()
+    assert len(got) == 1 and len(got[0]) == 1500 and check(got[0]) == 5
+    wait_until(lambda: _in_flight(t) == 0)
+    fe.close()
+    assert v.stop() == 0
+    c = v.port_counters()[0]
+    assert c["rx_packets"] == 1 and c["rx_dropped"] == 0 and c["rx_held"] > 0
+
+    v, (a,) = start(vring_proc, sockdir, "--hold-us", "100000")  # 0.1 s, and never enough buffers
+    fe = Frontend(a)
+    fe.connect()
+    fe.setup()
+    post_small(fe, 3)
+    t0 = time.monotonic()
+    assert fe.send_frames([frame(6, size=1500)]) == 1
+    t = fe.tx()
+    wait_until(lambda: _in_flight(t) == 0)
+    assert time.monotonic() - t0 >= 0.1  # held for the hold, then taken and dropped
+    assert fe.rx().take_used() == []  # the three buffers were not used up by the dropped frame
+    fe.close()
+    assert v.stop() == 0
+    c = v.port_counters()[0]
+    assert c["tx_packets"] == c["rx_dropped"] == 1 and c["rx_packets"] == 0
+
+
 def fds_and_maps(pid: int) -> tuple[int, int]:
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     with open(f"/proc/{pid}/maps") as f:
@@ -326,7 +378,9 @@ def test_generator_rate_caps_the_offered_load(vring_proc, sockdir):
     fe.close()
     assert v.stop() == 0
     offered = 0.05e6 * res["seconds"]
-    assert 0.5 * offered < res["tx_packets"] <= offered + 2 * 8  # on schedule, one burst of catch-up at most
+    # on schedule, one burst of catch-up at most; the schedule's clock is the cycle counter, measured
+    # against the monotonic clock over 50 ms (vring.ordering_calibrate): allow it 0.05 %
+    assert 0.5 * offered < res["tx_packets"] <= offered * 1.0005 + 2 * 8
     # vring took what was offered: all of it reclaimed but what was in flight at the stop
     assert res["tx_packets"] <= v.port_counters()[0]["tx_packets"] <= res["tx_packets"] + 2 * 8
 

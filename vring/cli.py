@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the negotiated set of each port is logged)")
     n.add_argument("--frame-size", type=int, default=64, help="frame size for --mode source (default 64)")
     n.add_argument("--hold-us", type=float, metavar="US",  # default devices.net.HOLD_US
-                   help="xconnect/loopback: a frame the receiving ring has no buffer for waits in the sender's "
+                   help="xconnect/loopback: a frame the receiving ring has no room for waits in the sender's "
                         "ring up to US microseconds (the sender sees a full ring and counts its own drops) before "
                         "frames are dropped here; 0: drop at once, as DPDK's vhost does (default 1000)")
     n.set_defaults(func=cmd_net)
