@@ -126,7 +126,11 @@ def drive(ctrl, rings, free, stats, burst, period):
             if rings[r, R_TX]:
                 if period == 0:
                     _post(rings, free, stats, r, burst, one)
-                elif now >= rings[r, R_NEXT]:
+                else:
+                    if rings[r, R_NEXT] == 0:
+                        rings[r, R_NEXT] = now  # the schedule starts with the first round, not at 0
+                    if now < rings[r, R_NEXT]:
+                        continue
                     _post(rings, free, stats, r, burst, one)
                     # on schedule; after a stall, catch up by one burst at most
                     rings[r, R_NEXT] = max(rings[r, R_NEXT] + period, now - period)
@@ -217,7 +221,10 @@ def run(fe: Frontend | list[Frontend], mode: str, seconds: float, burst: int = 3
         report=None, rate: float = 0.0) -> dict[str, float]:
     """Generate for ``seconds`` (``rate``: Mpps per TX ring, 0: unpaced); calls report(dict) each
     second; returns the totals and rates."""
+    from vring.ordering_calibrate import _now
+
     g = Generator(fe, mode, burst, frame_size, rate)
+    c0 = int(_now())
     g.start()
     t0 = last = time.monotonic()
     prev = g.totals()
@@ -233,9 +240,11 @@ def run(fe: Frontend | list[Frontend], mode: str, seconds: float, burst: int = 3
             prev, last = cur, now
     finally:
         g.stop()
+    cyc = int(_now()) - c0
     elapsed = time.monotonic() - t0
     out = g.totals()
     if g.result < 0:
         raise RuntimeError("the back-end published an invalid used ring")
-    return {**out, "seconds": elapsed, "tx_mpps": out["tx_packets"] / elapsed / 1e6,
+    # cycles and period: the schedule's own clock, what a paced run's bursts can be checked against
+    return {**out, "seconds": elapsed, "cycles": cyc, "period": g.period, "tx_mpps": out["tx_packets"] / elapsed / 1e6,
             "rx_mpps": out["rx_packets"] / elapsed / 1e6}
