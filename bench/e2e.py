@@ -51,6 +51,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # vring.control, from the tree being measured
 TESTPMD = os.environ.get("TESTPMD", "dpdk-testpmd")
 DPDK_RUN = "/var/run/dpdk" if os.getuid() == 0 else os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/tmp"), "dpdk")
 
@@ -219,22 +220,13 @@ def dpdk_window(a: dict | None, b: dict | None, burst: int) -> dict | None:
 
 
 def vring_sample(path: str) -> dict | None:
-    """vring's poll counters now, from its control socket (vring.control, the ``sample`` request)."""
-    import socket
+    """vring's poll counters now, from its control socket (the ``sample`` request)."""
+    from vring.control import ControlClient
 
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(path)
-            s.sendall(b'{"cmd": "sample"}\n')
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf).get("poll")
-    except (OSError, ValueError):
+        with ControlClient(path, timeout=5) as c:
+            return c.sample().get("poll")
+    except (OSError, ValueError, RuntimeError):  # ConnectionError is an OSError
         return None
 
 
