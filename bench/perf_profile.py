@@ -1,0 +1,225 @@
+"""Where the cores' time goes in one end-to-end configuration: ``perf record`` of both CPUs while
+testpmd (virtio-user) drives ``vring net --poll`` or DPDK's ``net_vhost`` (as bench/e2e.py runs them).
+
+perf can't name numba's JIT code (no symbols, no perf map: the data plane is loaded from numba's
+cache), so the vring process's anonymous executable mappings are copied out of /proc/PID/mem while
+it runs, disassembled with objdump, and each sample is put on the instruction before the sampled
+address: a timer sample lands just after the instruction the core waited on (a fence, a load that
+missed). Those instructions are sorted into kinds a reader can check against the source
+(``KINDS``). This VM has no hardware counters (perf's ``cycles`` is not supported), so the samples
+are ``cpu-clock`` ticks.
+
+    /tmp/venv/bin/python bench/perf_profile.py --variant packed --dir loop --burst 4 --out bench/results/profile
+    /tmp/venv/bin/python bench/perf_profile.py --backend dpdk --variant packed --dir loop --burst 32
+
+Writes OUT/profile_<backend>_<variant>_<dir>_b<burst>.json: the share of each CPU's samples per
+(process, object, symbol) as perf report gives them, per kind of JIT instruction, and the hottest
+JIT instructions with the code around them.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e import DPDK_RUN, TESTPMD, Proc, Runner, control, log, socks, testpmd_samples, wait_for  # noqa: E402
+
+# how a sampled JIT instruction is labelled: the first pattern its text matches (objdump AT&T syntax)
+KINDS = [
+    ("fence (lock-prefixed)", re.compile(r"\block\b")),
+    ("clock read (rdtsc)", re.compile(r"\brdtscp?\b")),
+    ("division", re.compile(r"\bi?div")),
+    ("prefetch", re.compile(r"\bprefetch")),
+    # a packed descriptor's flags (offset 14) or a split avail/used index: 16-bit loads
+    ("16-bit load (descriptor flags, ring index)", re.compile(r"\bmovzwl\s+(-?0x[0-9a-f]+)?\(")),
+    ("other load", re.compile(r"\bmov\w*\s+(-?0x[0-9a-f]+)?\(")),
+    ("other", re.compile(r".")),
+]
+INSN = re.compile(r"^\s*([0-9a-f]+):\s+(?:[0-9a-f]{2} )+\s*(.*)$")
+
+
+def kind(text: str) -> str:
+    return next(name for name, rx in KINDS if rx.search(text))
+
+
+def disassemble(blob_path: str, base: int) -> list[tuple[int, str]]:
+    """(address, instruction text) of raw x86-64 code loaded at ``base``."""
+    out = subprocess.run(["objdump", "-D", "-b", "binary", "-m", "i386:x86-64", f"--adjust-vma={base:#x}",
+                          blob_path], capture_output=True, text=True, check=True).stdout
+    insns = []
+    for line in out.splitlines():
+        m = INSN.match(line)
+        if m and m.group(2):
+            insns.append((int(m.group(1), 16), m.group(2).strip()))
+    return insns
+
+
+def attribute(samples: collections.Counter, insns: list[tuple[int, str]], top: int = 25) -> dict:
+    """Put each sampled address's count on the instruction before it; shares by kind, hottest ones."""
+    addrs = [a for a, _ in insns]
+    index = {a: i for i, a in enumerate(addrs)}
+    per_insn: collections.Counter = collections.Counter()
+    for ip, n in samples.items():
+        i = index.get(ip)
+        if i is None:  # not an instruction boundary in our listing (data, or padding decoded oddly)
+            continue
+        per_insn[max(i - 1, 0)] += n
+    total = sum(samples.values()) or 1
+    kinds: collections.Counter = collections.Counter()
+    for i, n in per_insn.items():
+        kinds[kind(insns[i][1])] += n
+    hot = []
+    for i, n in per_insn.most_common(top):
+        hot.append({"share": round(n / total, 4), "addr": f"{addrs[i]:#x}", "insn": insns[i][1],
+                    "kind": kind(insns[i][1]), "context": [f"{a:#x}: {t}" for a, t in insns[max(i - 4, 0): i + 2]]})
+    return {"samples": total, "unplaced": round(1 - sum(per_insn.values()) / total, 4),
+            "kinds": {k: round(n / total, 4) for k, n in kinds.most_common()}, "hot": hot}
+
+
+def dump_jit(pid: int, dest: str) -> list[tuple[int, str]]:
+    """Copy the anonymous executable mappings of ``pid`` (numba's code) to files; (base, path) each."""
+    blobs = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in maps:
+            f = line.split()
+            if "x" not in f[1] or len(f) > 5:  # executable, no backing file, no [vdso]-like name
+                continue
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            mem.seek(lo)
+            path = os.path.join(dest, f"jit_{lo:x}.bin")
+            with open(path, "wb") as o:
+                o.write(mem.read(hi - lo))
+            blobs.append((lo, path))
+    return blobs
+
+
+def is_jit(dso: str) -> bool:
+    """perf names code without a file after a perf map it looked for (/tmp/perf-PID.map) or [JIT]."""
+    return dso.startswith(("[JIT]", "[unknown]")) or re.search(r"perf-\d+\.map$", dso) is not None
+
+
+def jit_ips(data: str) -> collections.Counter:
+    """Sampled addresses in code without a file (numba's), with their counts."""
+    out = subprocess.run(["perf", "script", "-i", data, "-F", "ip,dso"], capture_output=True, text=True).stdout
+    ips: collections.Counter = collections.Counter()
+    for line in out.splitlines():
+        m = re.match(r"^\s*([0-9a-f]+)\s+\((.*)\)\s*$", line)
+        if m and is_jit(m.group(2)):
+            ips[int(m.group(1), 16)] += 1
+    return ips
+
+
+def top_symbols(data: str, cpu: int, n: int = 15) -> list[dict]:
+    """perf report's heaviest (command, object, symbol) on one CPU, numba's code as one entry; a
+    symbol perf cannot name (a stripped library's static function) is its address in the object,
+    the same in every run."""
+    out = subprocess.run(["perf", "report", "-i", data, "--cpu", str(cpu), "--sort", "comm,dso,sym", "--stdio", "-q",
+                          "--field-separator=|"], capture_output=True, text=True).stdout
+    shares: collections.Counter = collections.Counter()
+    for line in out.splitlines():
+        f = [x.strip() for x in line.split("|")]
+        if len(f) != 4 or not f[0].endswith("%"):
+            continue
+        obj, sym = f[2], re.sub(r"^\[.\]\s*", "", f[3])
+        if is_jit(obj):
+            obj, sym = "numba data plane", "(JIT code)"
+        shares[(f[1], obj, sym)] += float(f[0].rstrip("%")) / 100
+    return [{"share": round(v, 4), "comm": k[0], "object": k[1], "symbol": k[2]} for k, v in shares.most_common(n)]
+
+
+def summarize(data: str, cpus: list[int], blobs: list[tuple[int, str]]) -> dict:
+    res: dict = {"cpus": {str(c): top_symbols(data, c) for c in cpus}}
+    jit = jit_ips(data)
+    for base, path in blobs:
+        size = os.path.getsize(path)
+        mine = collections.Counter({ip: n for ip, n in jit.items() if base <= ip < base + size})
+        if sum(mine.values()) > 0.2 * sum(jit.values()):  # the data plane's code, not a small trampoline
+            res["jit"] = {"base": f"{base:#x}", "size": size, **attribute(mine, disassemble(path, base))}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="vring", choices=["vring", "dpdk"])
+    ap.add_argument("--variant", default="packed", choices=["split", "packed", "2q"])
+    ap.add_argument("--dir", default="loop", choices=["tx", "rx", "loop", "xconnect"])
+    ap.add_argument("--burst", type=int, default=32)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=4.0, help="seconds recorded, after 2 s of traffic")
+    ap.add_argument("--freq", type=int, default=2000,
+                    help="samples per second per CPU (each is a VM exit here; see bench/README.md)")
+    ap.add_argument("--be-cpu", type=int, default=1)
+    ap.add_argument("--fe-cpu", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile"))
+    args = ap.parse_args(argv)
+    for tool in ("perf", "objdump", TESTPMD):
+        if shutil.which(tool) is None:
+            log(f"{tool} not found (apt-get install linux-perf binutils dpdk-dev)")
+            return 2
+    # Runner reads these e2e options
+    args.warmup, args.rate, args.dpdk_cycles = 0.0, 0.0, False
+    work = tempfile.mkdtemp(prefix="vring-prof-")
+    runner = Runner(args, work)
+    tag, sock, d = runner._names()
+    procs: list[Proc] = []
+    res: dict = {"backend": args.backend, "variant": args.variant, "dir": args.dir, "burst": args.burst,
+                 "size": args.size, "seconds": args.seconds, "freq": args.freq, "be_cpu": args.be_cpu,
+                 "fe_cpu": args.fe_cpu}
+    try:
+        bep = runner.backend(args.backend, args.dir, args.burst, args.size, sock, tag, d, args.variant)
+        procs.append(bep)
+        if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, args.dir)), 180, [bep]):
+            log("backend socket did not appear")
+            return 1
+        fep = runner.frontend("testpmd", args.dir, args.burst, args.size, sock, tag, d, args.variant)
+        procs.append(fep)
+        nports = len(socks(sock, args.dir))
+        key = "Tx-pps" if args.dir == "tx" else "Rx-pps"
+        if not wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), key, nports)), 60, procs):
+            log("no traffic at the frontend within 60 s")
+            return 1
+        time.sleep(2)
+        data = os.path.join(work, "perf.data")
+        n0 = len(testpmd_samples(fep.text(), key, nports))
+        subprocess.run(["perf", "record", "-q", "-C", f"{args.be_cpu},{args.fe_cpu}", "-F", str(args.freq),
+                        "-o", data, "--", "sleep", str(args.seconds)], check=True, capture_output=True)
+        rates = testpmd_samples(fep.text(), key, nports)[n0:]
+        res["mpps"] = round(sum(rates) / len(rates), 3) if rates else None
+        blobs = dump_jit(bep.pid, work) if args.backend == "vring" else []
+        res.update(summarize(data, [args.be_cpu, args.fe_cpu], blobs))
+    finally:
+        for p in reversed(procs):
+            p.stop(5)
+        for suffix in ("_be", "_fe"):
+            shutil.rmtree(os.path.join(DPDK_RUN, tag + suffix), ignore_errors=True)
+        for s in [*socks(sock, args.dir), control(sock)]:
+            if os.path.exists(s):
+                os.unlink(s)
+        shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"profile_{args.backend}_{args.variant}_{args.dir}_b{args.burst}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"{args.backend} {args.variant} {args.dir} burst {args.burst}: {res.get('mpps')} Mpps during the record")
+    for cpu, top in res["cpus"].items():
+        print(f"cpu {cpu}:")
+        for t in top[:10]:
+            print(f"  {t['share']:6.1%}  {t['comm']:<14} {t['object']:<34} {t['symbol']}")
+    if "jit" in res:
+        print("numba data plane, by the instruction waited on:")
+        for k, v in res["jit"]["kinds"].items():
+            print(f"  {v:6.1%}  {k}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
