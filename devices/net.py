@@ -103,7 +103,9 @@ NET_PROTOCOL_FEATURES = (
 )
 
 
-HELD = -2000  # _send: the frame waits in its TX ring for more RX buffers (not a -BROKEN_* code)
+# _deliver: the receiver has buffers posted, but too few for the frame yet (not a -BROKEN_* code);
+# _send with may_hold passes it on uncounted, and the frame waits in its TX ring
+NO_ROOM = -2000
 
 
 @kernel
@@ -174,7 +176,8 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
     a virtio_net_hdr whose first 10 bytes are h0 (bytes 0-7: flags, gso_type, hdr_len, gso_size,
     csum_start, little-endian) and h1 (csum_offset); 0, 0 asks for no offload. num_buffers is ours.
 
-    Returns chains used (> 0), 0 for no room / too big (drop; nothing popped), or -BROKEN_*.
+    Returns chains used (> 0), NO_ROOM when too few buffers are posted for it yet, 0 when it is
+    too big for dst's buffers (drop), or -BROKEN_*; nothing is popped unless it was delivered.
     """
     d_hva, d_len, c_hva, c_len, rx_ids, rx_caps, rx_ndesc, hdr = sc
     hl = np.uint64(qs[dst]["hdr_len"])
@@ -191,8 +194,7 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
         m, ln, bid, ndesc = pop(qs, dst, regions, 1, d_hva, d_len, nd)
         if m == EMPTY:
             rollback(qs, dst, c0)
-            qs[dst]["rx_short"] = 1  # more buffers could take it: a sender may hold it (_send)
-            return 0
+            return NO_ROOM  # more buffers could take it: a sender may hold it (_send)
         if m < 0:
             rollback(qs, dst, c0)
             return m
@@ -244,13 +246,15 @@ def _deliver_slow(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1)
 
 @inline_kernel
 def _count(counters, dst, r, flen):
-    """Count one delivery attempt on dst: 1 delivered, 0 dropped, or the -BROKEN_* code."""
+    """Count one delivery attempt on dst (``_deliver``'s result): 1 delivered, 0 dropped, or the
+    -BROKEN_* code."""
     if r > 0:
         counters[dst, C_PACKETS] += 1
         counters[dst, C_BYTES] += flen
         return 1
-    if r == 0:
+    if r == 0 or r == NO_ROOM:
         counters[dst, C_DROPS] += 1
+        return 0
     return r
 
 
@@ -261,7 +265,7 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, may_ho
     The header's offload request (checksum, TCP segmentation) is passed through if dst's driver
     negotiated it, else completed here (``_complete``). Counts dst's packets, bytes and drops.
     Returns the frames delivered (0: dropped) or -BROKEN_* (dst broke; not yet marked), or with
-    ``may_hold`` HELD, uncounted, when dst has buffers posted but too few for the frame yet.
+    ``may_hold`` NO_ROOM, uncounted, when dst has too few buffers posted for the frame yet.
     """
     h0 = np.uint64(0)
     h1 = np.uint16(0)
@@ -290,11 +294,9 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, may_ho
     else:
         h0 = np.uint64(0)  # gso_type NONE: the other fields mean nothing (§5.1.6.2)
         h1 = np.uint16(0)
-    if may_hold:
-        qs[dst]["rx_short"] = 0
     r = _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1)
-    if r == 0 and may_hold and qs[dst]["rx_short"] != 0:
-        return HELD
+    if r == NO_ROOM and may_hold:
+        return NO_ROOM
     return _count(counters, dst, r, flen)
 
 
@@ -336,11 +338,11 @@ def _complete(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, h0
             break
         p_len[0] = np.uint64(n)
         r = _deliver_slow(qs, regions, dst, p_hva, p_len, 1, 0, np.uint64(n), sc, np.uint64(0), np.uint16(0))
-        if r < 0:
-            return r
-        if r == 0:  # no room: the later segments would not fit either
+        if r == 0 or r == NO_ROOM:  # no room: the later segments would not fit either
             counters[dst, C_DROPS] += np.uint64(nseg - i)
             break
+        if r < 0:
+            return r
         counters[dst, C_PACKETS] += 1
         counters[dst, C_BYTES] += np.uint64(n)
         ostats[O_SEGMENTS] += 1
@@ -475,7 +477,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
                 # the frame is sent before its TX chain is given back, so one that must wait for
                 # more RX buffers (a multi-buffer frame, mergeable) can stay in the TX ring
                 r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, hold > 0)
-                if r == HELD:
+                if r == NO_ROOM:
                     if _holding(qs, dst, hold):
                         rollback(qs, src, c)
                         counters[dst, C_HELD] += 1
@@ -529,7 +531,7 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
             sent += 1
             if cap[0][K_PORTS] != 0:
                 capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, 1, 0, flen)
-        elif r == 0:
+        elif r == 0 or r == NO_ROOM:
             break  # no room: the driver hasn't posted buffers yet (not a drop: nothing was sent)
         else:
             _mark_broken(qs, counters, dst, -r)
@@ -604,6 +606,8 @@ def inject(qs, counters, regions, dst, frame, cap):
     s_len = np.full(1, np.uint64(frame.shape[0]), np.uint64)
     flen = np.uint64(frame.shape[0])
     r = _deliver_slow(qs, regions, dst, s_hva, s_len, 1, 0, flen, new_scratch(), np.uint64(0), np.uint16(0))
+    if r == NO_ROOM:
+        r = 0
     if r > 0:
         counters[dst, C_PACKETS] += 1
         counters[dst, C_BYTES] += flen

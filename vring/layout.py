@@ -83,7 +83,6 @@ QSTATE = np.dtype(
         ("u_merged", "<u4"),  # packed: every pending used element so far is folded into the batch's first
         ("call_pending", "<u4"),  # published, the call decision left to flush_calls (vring.ring)
         ("held_since", "<u8"),  # RX (net): cycle count when a TX ring's frames began waiting for room here, 0: none
-        ("rx_short", "<u4"),  # RX (net): the last frame found too few buffers posted (not: too big for any)
         # in-flight tracking (vring.inflight): host address of this queue's region, 0 = not tracked
         ("inflight", "<u8"),
         ("inflight_counter", "<u8"),
