@@ -1,6 +1,7 @@
 """Shared fixtures: a vring back-end in a child process, a short socket directory, peers."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -16,6 +17,14 @@ sys.path.insert(0, HERE)
 from peers import PeerGroup, short_tmpdir  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
+
+
+def bench_script(name: str):
+    """A script of bench/ (not a package) loaded as a module, to test its pure functions."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 class VringProcess:

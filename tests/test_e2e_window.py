@@ -3,21 +3,15 @@ counts, differenced. The testpmd text is what DPDK 22.11's testpmd printed for `
 here (net_vhost in io mode behind a virtio-user flowgen, burst 1), 5 s apart."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 
 import pytest
-
-E2E = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "e2e.py")
+from conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("e2e", E2E)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("e2e")
 
 
 def _print(rx_packets: int, tx_packets: int, rx_bursts: int, shares: str) -> str:

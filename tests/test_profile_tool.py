@@ -4,12 +4,9 @@ instructions are sorted into kinds. The code bytes are real x86-64, decoded by o
 from __future__ import annotations
 
 import collections
-import importlib.util
-import os
 
 import pytest
-
-PROFILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "perf_profile.py")
+from conftest import bench_script
 
 # lock orl $0x0,-0x40(%rsp); xor %ebx,%ebx; movzwl 0xe(%rax,%rcx,1),%ecx; test %cx,%cx; rdtsc; shl $0x20,%rdx
 CODE = bytes.fromhex("f0834c24c000" "31db" "0fb74c080e" "6685c9" "0f31" "48c1e220")
@@ -18,10 +15,7 @@ BASE = 0x7F00_0000_1000
 
 @pytest.fixture(scope="module")
 def profile():
-    spec = importlib.util.spec_from_file_location("profile_tool", PROFILE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("perf_profile")
 
 
 @pytest.mark.parametrize(("insn", "expected"), [
