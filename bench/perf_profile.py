@@ -117,7 +117,7 @@ def jit_ips(data: str) -> collections.Counter:
     return ips
 
 
-def top_symbols(data: str, cpu: int, n: int = 15) -> list[dict]:
+def top_symbols(data: str, cpu: int, n: int = 60) -> list[dict]:
     """perf report's heaviest (command, object, symbol) on one CPU, numba's code as one entry; a
     symbol perf cannot name (a stripped library's static function) is its address in the object,
     the same in every run."""
