@@ -118,6 +118,9 @@ def drive(ctrl, rings, free, stats, burst, period):
     """Post and reclaim on every ring until ctrl[0] becomes 0; returns -1 if a back-end misbehaved.
     ``period``: cycles between one TX ring's bursts (0: post whenever there is room)."""
     one = np.ones(1, np.uint64)
+    start = np.int64(cycles())
+    for r in range(rings.shape[0]):
+        rings[r, R_NEXT] = start  # each TX ring's schedule starts with this call's first round
     while load_i64_acquire(np.uint64(ctrl.ctypes.data)) == 1:
         now = np.int64(cycles()) if period > 0 else np.int64(0)
         for r in range(rings.shape[0]):
@@ -126,11 +129,7 @@ def drive(ctrl, rings, free, stats, burst, period):
             if rings[r, R_TX]:
                 if period == 0:
                     _post(rings, free, stats, r, burst, one)
-                else:
-                    if rings[r, R_NEXT] == 0:
-                        rings[r, R_NEXT] = now  # the schedule starts with the first round, not at 0
-                    if now < rings[r, R_NEXT]:
-                        continue
+                elif now >= rings[r, R_NEXT]:
                     _post(rings, free, stats, r, burst, one)
                     # on schedule; after a stall, catch up by one burst at most
                     rings[r, R_NEXT] = max(rings[r, R_NEXT] + period, now - period)
