@@ -103,8 +103,8 @@ NET_PROTOCOL_FEATURES = (
 )
 
 
-# _deliver: the receiver has buffers posted, but too few for the frame yet (not a -BROKEN_* code);
-# _send with may_hold passes it on uncounted, and the frame waits in its TX ring
+# _deliver, _send: the receiver has too few buffers posted for the frame yet (not a -BROKEN_* code);
+# nothing counted: the caller holds the frame in its TX ring or counts it dropped
 NO_ROOM = -2000
 
 
@@ -259,13 +259,13 @@ def _count(counters, dst, r, flen):
 
 
 @inline_kernel
-def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, may_hold):
+def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob):
     """Deliver one frame from a TX chain (after its ``hl``-byte virtio_net_hdr) into RX vring dst.
 
     The header's offload request (checksum, TCP segmentation) is passed through if dst's driver
     negotiated it, else completed here (``_complete``). Counts dst's packets, bytes and drops.
-    Returns the frames delivered (0: dropped) or -BROKEN_* (dst broke; not yet marked), or with
-    ``may_hold`` NO_ROOM, uncounted, when dst has too few buffers posted for the frame yet.
+    Returns the frames delivered (0: dropped), NO_ROOM (uncounted) when dst has too few buffers
+    posted for the frame yet, or -BROKEN_* (dst broke; not yet marked).
     """
     h0 = np.uint64(0)
     h1 = np.uint16(0)
@@ -295,7 +295,7 @@ def _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, may_ho
         h0 = np.uint64(0)  # gso_type NONE: the other fields mean nothing (§5.1.6.2)
         h1 = np.uint16(0)
     r = _deliver(qs, regions, dst, s_hva, s_len, ns, hl, flen, sc, h0, h1)
-    if r == NO_ROOM and may_hold:
+    if r == NO_ROOM:
         return NO_ROOM
     return _count(counters, dst, r, flen)
 
@@ -476,15 +476,15 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
             if mode == MODE_FORWARD and dst_ok:
                 # the frame is sent before its TX chain is given back, so one that must wait for
                 # more RX buffers (a multi-buffer frame, mergeable) can stay in the TX ring
-                r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob, hold > 0)
+                r = _send(qs, counters, regions, dst, s_hva, s_len, ns, hl, flen, sc, ob)
                 if r == NO_ROOM:
-                    if _holding(qs, dst, hold):
+                    if hold > 0 and _holding(qs, dst, hold):
                         rollback(qs, src, c)
                         counters[dst, C_HELD] += 1
                         if done == 0 and opened:
                             busy[BUSY_SINCE] = 0
                         break
-                    counters[dst, C_DROPS] += 1  # held long enough
+                    counters[dst, C_DROPS] += 1  # no hold, or held long enough
                     r = 0
             counters[src, C_PACKETS] += 1
             counters[src, C_BYTES] += flen

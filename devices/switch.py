@@ -32,6 +32,7 @@ from devices.capture import empty as no_capture
 from devices.net import (
     NET_FEATURES,
     NET_PROTOCOL_FEATURES,
+    NO_ROOM,
     NetDevice,
     _mark_broken,
     _ready,
@@ -181,8 +182,10 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, beg
         began[row] = 1
         touched[nt] = row
         nt += 1
-    r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, False)  # counts packets, bytes, drops
-    if r > 0:
+    r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob)  # counts packets, bytes, drops...
+    if r == NO_ROOM:
+        counters[row, C_DROPS] += 1  # ...but a receiver short of buffers: the switch does not hold frames
+    elif r > 0:
         if cap[0][K_PORTS] != 0:
             capture(cap[0], cap[1], cap[2], row, DIR_TO_GUEST, s_hva, s_len, ns, hl, flen)
     elif r < 0:
