@@ -38,6 +38,7 @@ bench/results/e2e_ratio.png (vring/DPDK median ratio vs burst).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -284,6 +286,25 @@ def vring_fe_samples(text: str, key: str) -> list[float]:
 
 
 # ---------------------------------------------------------------- one run
+class StartFailed(Exception):
+    """A run's processes did not get to passing traffic (the message says which step)."""
+
+    def __init__(self, msg: str, logs: str):
+        super().__init__(msg)
+        self.logs = logs  # the run's log directory
+
+
+@dataclass
+class Started:
+    """A back-end and a front-end passing traffic (``Runner.started``)."""
+    bep: Proc
+    fep: Proc
+    sock: str  # the (first) back-end socket; the control socket is control(sock)
+    logs: str  # the directory of both processes' logs
+    key: str  # "tx" or "rx": which side of the front-end the rate is read on
+    nports: int
+
+
 class Runner:
     def __init__(self, args: argparse.Namespace, workdir: str):
         self.a = args
@@ -346,19 +367,19 @@ class Runner:
                 f"--burst={burst}", f"--txpkts={size}", f"--rxq={q}", f"--txq={q}", "--nb-cores=1"]
         return Proc("fe_testpmd", argv, d)
 
-    def run(self, fe: str, be: str, direction: str, burst: int, size: int, rep: int, variant: str = "split") -> dict:
+    @contextlib.contextmanager
+    def started(self, fe: str, be: str, direction: str, burst: int, size: int, variant: str = "split"):
+        """The back-end, then the front-end, started and passing traffic: yields a :class:`Started`.
+        On the way out both are stopped and DPDK's runtime directories and the sockets removed.
+        Raises :class:`StartFailed` when a step does not get there."""
         tag, sock, d = self._names()
-        res: dict = {"frontend": fe, "backend": be, "dir": direction, "burst": burst, "size": size, "rep": rep,
-                     "variant": variant, "mpps": None, "logs": d}
         procs: list[Proc] = []
-        t_start = time.monotonic()
         try:
             bep = self.backend(be, direction, burst, size, sock, tag, d, variant)
             procs.append(bep)
             # 180 s: a back-end that compiles its data plane cold takes ~90 s to open its socket
             if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, direction)), 180, [bep]):
-                res["error"] = "backend socket did not appear"
-                return res
+                raise StartFailed("backend socket did not appear", d)
             fep = self.frontend(fe, direction, burst, size, sock, tag, d, variant)
             procs.append(fep)
             key = "tx" if direction == "tx" else "rx"
@@ -369,56 +390,11 @@ class Runner:
             else:
                 started = wait_for(lambda: any(s > 0 for s in vring_fe_samples(fep.text(), key)), 60, procs)
             if not started:
-                res["error"] = "no traffic at the frontend within 60 s"
-                return res
-            c0, o0, t0 = cpu_total(), sum(p.cpu_jiffies() for p in procs), time.monotonic()
-            time.sleep(self.a.warmup)
-            w0 = self.window_mark(be, bep, sock, direction, burst)
-            time.sleep(max(0.0, self.a.seconds - (0 if fe == "testpmd" else 0.5)))
-            w1 = self.window_mark(be, bep, sock, direction, burst)
-            c1, o1, t1 = cpu_total(), sum(p.cpu_jiffies() for p in procs), time.monotonic()
-            if fe == "vring":
-                wait_for(lambda: not fep.alive(), 30, [])  # it stops itself after --seconds
-            hz = os.sysconf("SC_CLK_TCK")
-            res["foreign_cpu"] = round(max(0.0, ((c1 - c0) - (o1 - o0)) / hz / max(t1 - t0, 1e-3) * 100), 1)
-            fep.stop()
-            if be == "dpdk":  # its final stats (the loss accounting reads them) before it goes
-                bep.command("stop", TESTPMD_STATS_END)
-            bep.stop()
-            ft, bt = fep.text(), bep.text()
-            if fe == "testpmd":
-                samples = after_start(testpmd_samples(ft, "Tx-pps" if key == "tx" else "Rx-pps", nports),
-                                      max(0, round(self.a.warmup)))
-                res["fe_totals"] = testpmd_totals(ft)
-            else:
-                samples = after_start(vring_fe_samples(ft, key), max(0, round(self.a.warmup)))
-                m = re.findall(r"^\{.*\}$", ft, re.M)
-                if m:
-                    res["fe_final"] = {k: v for k, v in json.loads(m[-1]).items() if k.endswith(("mpps", "packets"))}
-            res["samples"] = [round(s, 3) for s in samples]
-            if samples:
-                res["mpps"] = round(statistics.fmean(samples), 3)
-            if be == "vring":
-                res["be_polls"] = vring_polls(bt)
-                res["be_totals"] = vring_totals(bt)
-                res["window"] = vring_window(w0, w1)
-            else:
-                i = bt.rfind("Telling cores to stop")
-                last = bt[i:] if i >= 0 else bt  # the print at stop covers the whole run
-                res["be_polls"] = testpmd_bursts(last, "TX" if direction == "rx" else "RX", burst)
-                res["be_totals"] = testpmd_totals(bt)
-                if res["be_polls"] and self.a.dpdk_cycles:
-                    res["be_polls"]["busy_ns_per_frame"] = testpmd_cycles(last)
-                res["window"] = dpdk_window(w0, w1, burst)
-            if res["window"]:  # DPDK's: the upper bound its counts allow
-                res["empty_share"] = res["window"].get("empty_share", res["window"].get("empty_share_max"))
-            if res["mpps"] is None:
-                res["error"] = "no samples after warm-up"
-            return res
+                raise StartFailed("no traffic at the frontend within 60 s", d)
+            yield Started(bep, fep, sock, d, key, nports)
         finally:
             for p in reversed(procs):
                 p.stop(5)
-            res["seconds"] = round(time.monotonic() - t_start, 1)
             for suffix in ("_be", "_fe"):
                 shutil.rmtree(os.path.join(DPDK_RUN, tag + suffix), ignore_errors=True)
             for s in [*socks(sock, direction), control(sock)]:
@@ -426,6 +402,67 @@ class Runner:
                     os.unlink(s)
                 except FileNotFoundError:
                     pass
+
+    def run(self, fe: str, be: str, direction: str, burst: int, size: int, rep: int, variant: str = "split") -> dict:
+        res: dict = {"frontend": fe, "backend": be, "dir": direction, "burst": burst, "size": size, "rep": rep,
+                     "variant": variant, "mpps": None}
+        t_start = time.monotonic()
+        try:
+            with self.started(fe, be, direction, burst, size, variant) as st:
+                res["logs"] = st.logs
+                self._measure(res, st)
+        except StartFailed as e:
+            res["logs"], res["error"] = e.logs, str(e)
+        res["seconds"] = round(time.monotonic() - t_start, 1)
+        return res
+
+    def _measure(self, res: dict, st: Started) -> None:
+        """Warm up, sample the window, stop both sides and read what they printed into ``res``."""
+        fe, be, direction, burst = res["frontend"], res["backend"], res["dir"], res["burst"]
+        bep, fep, sock, key, nports = st.bep, st.fep, st.sock, st.key, st.nports
+        c0, o0, t0 = cpu_total(), sum(p.cpu_jiffies() for p in (bep, fep)), time.monotonic()
+        time.sleep(self.a.warmup)
+        w0 = self.window_mark(be, bep, sock, direction, burst)
+        time.sleep(max(0.0, self.a.seconds - (0 if fe == "testpmd" else 0.5)))
+        w1 = self.window_mark(be, bep, sock, direction, burst)
+        c1, o1, t1 = cpu_total(), sum(p.cpu_jiffies() for p in (bep, fep)), time.monotonic()
+        if fe == "vring":
+            wait_for(lambda: not fep.alive(), 30, [])  # it stops itself after --seconds
+        hz = os.sysconf("SC_CLK_TCK")
+        res["foreign_cpu"] = round(max(0.0, ((c1 - c0) - (o1 - o0)) / hz / max(t1 - t0, 1e-3) * 100), 1)
+        fep.stop()
+        if be == "dpdk":  # its final stats (the loss accounting reads them) before it goes
+            bep.command("stop", TESTPMD_STATS_END)
+        bep.stop()
+        ft, bt = fep.text(), bep.text()
+        if fe == "testpmd":
+            samples = after_start(testpmd_samples(ft, "Tx-pps" if key == "tx" else "Rx-pps", nports),
+                                  max(0, round(self.a.warmup)))
+            res["fe_totals"] = testpmd_totals(ft)
+        else:
+            samples = after_start(vring_fe_samples(ft, key), max(0, round(self.a.warmup)))
+            m = re.findall(r"^\{.*\}$", ft, re.M)
+            if m:
+                res["fe_final"] = {k: v for k, v in json.loads(m[-1]).items() if k.endswith(("mpps", "packets"))}
+        res["samples"] = [round(s, 3) for s in samples]
+        if samples:
+            res["mpps"] = round(statistics.fmean(samples), 3)
+        if be == "vring":
+            res["be_polls"] = vring_polls(bt)
+            res["be_totals"] = vring_totals(bt)
+            res["window"] = vring_window(w0, w1)
+        else:
+            i = bt.rfind("Telling cores to stop")
+            last = bt[i:] if i >= 0 else bt  # the print at stop covers the whole run
+            res["be_polls"] = testpmd_bursts(last, "TX" if direction == "rx" else "RX", burst)
+            res["be_totals"] = testpmd_totals(bt)
+            if res["be_polls"] and self.a.dpdk_cycles:
+                res["be_polls"]["busy_ns_per_frame"] = testpmd_cycles(last)
+            res["window"] = dpdk_window(w0, w1, burst)
+        if res["window"]:  # DPDK's: the upper bound its counts allow
+            res["empty_share"] = res["window"].get("empty_share", res["window"].get("empty_share_max"))
+        if res["mpps"] is None:
+            res["error"] = "no samples after warm-up"
 
 
 # ---------------------------------------------------------------- summary, plot

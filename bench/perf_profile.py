@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import DPDK_RUN, TESTPMD, Proc, Runner, control, log, socks, testpmd_samples, wait_for  # noqa: E402
+from e2e import TESTPMD, Runner, StartFailed, log, testpmd_samples  # noqa: E402
 
 # how a sampled JIT instruction is labelled: the first pattern its text matches (objdump AT&T syntax)
 KINDS = [
@@ -167,42 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     # Runner reads these e2e options
     args.warmup, args.rate, args.dpdk_cycles = 0.0, 0.0, False
     work = tempfile.mkdtemp(prefix="vring-prof-")
-    runner = Runner(args, work)
-    tag, sock, d = runner._names()
-    procs: list[Proc] = []
     res: dict = {"backend": args.backend, "variant": args.variant, "dir": args.dir, "burst": args.burst,
                  "size": args.size, "seconds": args.seconds, "freq": args.freq, "be_cpu": args.be_cpu,
                  "fe_cpu": args.fe_cpu}
     try:
-        bep = runner.backend(args.backend, args.dir, args.burst, args.size, sock, tag, d, args.variant)
-        procs.append(bep)
-        if not wait_for(lambda: all(os.path.exists(s) for s in socks(sock, args.dir)), 180, [bep]):
-            log("backend socket did not appear")
-            return 1
-        fep = runner.frontend("testpmd", args.dir, args.burst, args.size, sock, tag, d, args.variant)
-        procs.append(fep)
-        nports = len(socks(sock, args.dir))
-        key = "Tx-pps" if args.dir == "tx" else "Rx-pps"
-        if not wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), key, nports)), 60, procs):
-            log("no traffic at the frontend within 60 s")
-            return 1
-        time.sleep(2)
-        data = os.path.join(work, "perf.data")
-        n0 = len(testpmd_samples(fep.text(), key, nports))
-        subprocess.run(["perf", "record", "-q", "-C", f"{args.be_cpu},{args.fe_cpu}", "-F", str(args.freq),
-                        "-o", data, "--", "sleep", str(args.seconds)], check=True, capture_output=True)
-        rates = testpmd_samples(fep.text(), key, nports)[n0:]
-        res["mpps"] = round(sum(rates) / len(rates), 3) if rates else None
-        blobs = dump_jit(bep.pid, work) if args.backend == "vring" else []
-        res.update(summarize(data, [args.be_cpu, args.fe_cpu], blobs))
+        with Runner(args, work).started("testpmd", args.backend, args.dir, args.burst, args.size, args.variant) as st:
+            time.sleep(2)
+            data = os.path.join(work, "perf.data")
+            key = "Tx-pps" if st.key == "tx" else "Rx-pps"
+            n0 = len(testpmd_samples(st.fep.text(), key, st.nports))
+            subprocess.run(["perf", "record", "-q", "-C", f"{args.be_cpu},{args.fe_cpu}", "-F", str(args.freq),
+                            "-o", data, "--", "sleep", str(args.seconds)], check=True, capture_output=True)
+            rates = testpmd_samples(st.fep.text(), key, st.nports)[n0:]
+            res["mpps"] = round(sum(rates) / len(rates), 3) if rates else None
+            blobs = dump_jit(st.bep.pid, work) if args.backend == "vring" else []
+            res.update(summarize(data, [args.be_cpu, args.fe_cpu], blobs))
+    except StartFailed as e:
+        log(str(e))
+        return 1
     finally:
-        for p in reversed(procs):
-            p.stop(5)
-        for suffix in ("_be", "_fe"):
-            shutil.rmtree(os.path.join(DPDK_RUN, tag + suffix), ignore_errors=True)
-        for s in [*socks(sock, args.dir), control(sock)]:
-            if os.path.exists(s):
-                os.unlink(s)
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"profile_{args.backend}_{args.variant}_{args.dir}_b{args.burst}.json")

@@ -66,11 +66,6 @@ SWSTAT_NAMES = ("learned", "moved", "aged", "evicted", "unicast", "flooded", "fi
 P_AGE = 0  # entry lifetime in cycles (0: never age)
 
 
-@njit(cache=True)
-def _now():
-    return cycles()
-
-
 @kernel
 def _hash(mac, mask):
     return np.int64(((mac * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & np.uint64(mask))
@@ -383,9 +378,9 @@ class SwitchDevice(NetDevice):
 
         Read without pausing the data plane: an entry being learned at that instant may be
         missing or show its previous port."""
-        from vring.ordering_calibrate import ns_per_cycle
+        from vring.ordering_calibrate import cycles_now, ns_per_cycle
 
-        now = int(_now())
+        now = int(cycles_now())
         limit = int(self.params[P_AGE])
         keys, ports, seen = self.mac_key.copy(), self.mac_port.copy(), self.mac_seen.copy()
         out = []

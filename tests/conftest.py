@@ -23,6 +23,7 @@ def bench_script(name: str):
     """A script of bench/ (not a package) loaded as a module, to test its pure functions."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

@@ -220,10 +220,10 @@ def run(fe: Frontend | list[Frontend], mode: str, seconds: float, burst: int = 3
         report=None, rate: float = 0.0) -> dict[str, float]:
     """Generate for ``seconds`` (``rate``: Mpps per TX ring, 0: unpaced); calls report(dict) each
     second; returns the totals and rates."""
-    from vring.ordering_calibrate import _now
+    from vring.ordering_calibrate import cycles_now
 
     g = Generator(fe, mode, burst, frame_size, rate)
-    c0 = int(_now())
+    c0 = int(cycles_now())
     g.start()
     t0 = last = time.monotonic()
     prev = g.totals()
@@ -239,7 +239,7 @@ def run(fe: Frontend | list[Frontend], mode: str, seconds: float, burst: int = 3
             prev, last = cur, now
     finally:
         g.stop()
-    cyc = int(_now()) - c0
+    cyc = int(cycles_now()) - c0
     elapsed = time.monotonic() - t0
     out = g.totals()
     if g.result < 0:

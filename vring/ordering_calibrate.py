@@ -10,7 +10,8 @@ from vring.ordering import cycles
 
 
 @njit(cache=True)
-def _now():
+def cycles_now() -> int:
+    """``vring.ordering.cycles`` read from Python (the data plane's clock, for its timestamps)."""
     return cycles()
 
 
@@ -21,7 +22,7 @@ def _pair() -> tuple[float, int]:
     best = None
     for _ in range(5):
         a = time.perf_counter_ns()
-        c = int(_now())
+        c = int(cycles_now())
         b = time.perf_counter_ns()
         if best is None or b - a < best[0]:
             best = (b - a, (a + b) / 2, c)
@@ -30,7 +31,7 @@ def _pair() -> tuple[float, int]:
 
 @functools.cache
 def ns_per_cycle() -> float:
-    _now()
+    cycles_now()
     t0, c0 = _pair()
     time.sleep(0.05)
     t1, c1 = _pair()
