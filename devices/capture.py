@@ -117,10 +117,10 @@ class PcapDrain:
         return self.ctl, self.buf, self.rec
 
     def start(self) -> None:
-        from vring.ordering_calibrate import _now
+        from vring.ordering_calibrate import cycles_now
 
         self._ns = ns_per_cycle()
-        self._cyc0, self._wall0 = int(_now()), time.time_ns()
+        self._cyc0, self._wall0 = int(cycles_now()), time.time_ns()
         mask = 0
         for p in self.files:
             mask |= 1 << p
