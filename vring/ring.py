@@ -209,20 +209,29 @@ def prefetch_batch(qs, q, regions, n, buffers):
     desc = qs[q]["desc"]
     packed = qs[q]["packed"]
     n = min(n, size)
+    first = np.int64(qs[q]["last_avail_idx"])  # a packed ring's size needn't be a power of two:
+    idx = first  # its slots are counted with a wrap, not a division (2-3 % of the loop's samples)
     for i in range(n):
         if packed:
             # for writing: the used elements go into these same descriptors, so take the lines
             # exclusive at once rather than read-shared now and upgraded at put_used
-            prefetch_write(desc + np.uint64(16 * ((np.int64(qs[q]["last_avail_idx"]) + i) % size)))
+            prefetch_write(desc + np.uint64(16 * idx))
+            idx += 1
+            if idx == size:
+                idx = 0
         else:
             h = np.int64(load_u16(qs[q]["avail"] + np.uint64(4 + 2 * ((np.int64(qs[q]["last_avail_idx"]) + i)
                                                                         & (size - 1)))))
             if h < size:
                 prefetch_read(desc + np.uint64(16 * h))
     mem = qs[q]["mem"]
+    idx = first
     for i in range(n if buffers != BUF_NONE else 0):
         if packed:
-            d = desc + np.uint64(16 * ((np.int64(qs[q]["last_avail_idx"]) + i) % size))
+            d = desc + np.uint64(16 * idx)
+            idx += 1
+            if idx == size:
+                idx = 0
         else:
             h = np.int64(load_u16(qs[q]["avail"] + np.uint64(4 + 2 * ((np.int64(qs[q]["last_avail_idx"]) + i)
                                                                         & (size - 1)))))
