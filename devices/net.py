@@ -429,6 +429,15 @@ def _room(qs, dst, b, burst, hold):
 
 
 @inline_kernel
+def _held(counters, dst, busy, nothing_moved):
+    """Count a poll whose frames wait for RX vring ``dst``'s buffers; if the poll moved nothing
+    (and opened the round's busy span), the span is dropped: waiting is not busy time."""
+    counters[dst, C_HELD] += 1
+    if nothing_moved:
+        busy[BUSY_SINCE] = 0
+
+
+@inline_kernel
 def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hva, s_len, sc, ob, cap, busy):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them (``hold``:
     see ``_room``)."""
@@ -448,9 +457,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
         else:
             limit = _room(qs, dst, b, burst, hold)
             if limit == 0:  # nothing popped: the frames wait in src for the receiver's buffers
-                counters[dst, C_HELD] += 1
-                if opened:
-                    busy[BUSY_SINCE] = 0  # and a poll that moved nothing is not busy time
+                _held(counters, dst, busy, opened)
                 return 0
             # only buffers already posted: taking the line the driver is refilling would stall it
             prefetch_batch(qs, dst, regions, min(b, burst), BUF_WRITE)
@@ -480,9 +487,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
                 if r == NO_ROOM:
                     if hold > 0 and _holding(qs, dst, hold):
                         rollback(qs, src, c)
-                        counters[dst, C_HELD] += 1
-                        if done == 0 and opened:
-                            busy[BUSY_SINCE] = 0
+                        _held(counters, dst, busy, done == 0 and opened)
                         break
                     counters[dst, C_DROPS] += 1  # no hold, or held long enough
                     r = 0
