@@ -386,10 +386,10 @@ class Runner:
             nports = len(socks(sock, direction))
             if fe == "testpmd":
                 pmd_key = "Tx-pps" if key == "tx" else "Rx-pps"
-                started = wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), pmd_key, nports)), 60, procs)
+                flowing = wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), pmd_key, nports)), 60, procs)
             else:
-                started = wait_for(lambda: any(s > 0 for s in vring_fe_samples(fep.text(), key)), 60, procs)
-            if not started:
+                flowing = wait_for(lambda: any(s > 0 for s in vring_fe_samples(fep.text(), key)), 60, procs)
+            if not flowing:
                 raise StartFailed("no traffic at the frontend within 60 s", d)
             yield Started(bep, fep, sock, d, key, nports)
         finally:
