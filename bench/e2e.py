@@ -304,6 +304,11 @@ class Started:
     key: str  # "tx" or "rx": which side of the front-end the rate is read on
     nports: int
 
+    @property
+    def testpmd_column(self) -> str:
+        """The column of testpmd's periodic stats the rate is read from (a testpmd front-end)."""
+        return "Tx-pps" if self.key == "tx" else "Rx-pps"
+
 
 class Runner:
     def __init__(self, args: argparse.Namespace, workdir: str):
@@ -382,16 +387,15 @@ class Runner:
                 raise StartFailed("backend socket did not appear", d)
             fep = self.frontend(fe, direction, burst, size, sock, tag, d, variant)
             procs.append(fep)
-            key = "tx" if direction == "tx" else "rx"
-            nports = len(socks(sock, direction))
+            st = Started(bep, fep, sock, d, "tx" if direction == "tx" else "rx", len(socks(sock, direction)))
             if fe == "testpmd":
-                pmd_key = "Tx-pps" if key == "tx" else "Rx-pps"
-                flowing = wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), pmd_key, nports)), 60, procs)
+                flowing = wait_for(lambda: any(s > 0 for s in testpmd_samples(fep.text(), st.testpmd_column,
+                                                                               st.nports)), 60, procs)
             else:
-                flowing = wait_for(lambda: any(s > 0 for s in vring_fe_samples(fep.text(), key)), 60, procs)
+                flowing = wait_for(lambda: any(s > 0 for s in vring_fe_samples(fep.text(), st.key)), 60, procs)
             if not flowing:
                 raise StartFailed("no traffic at the frontend within 60 s", d)
-            yield Started(bep, fep, sock, d, key, nports)
+            yield st
         finally:
             for p in reversed(procs):
                 p.stop(5)
@@ -407,12 +411,15 @@ class Runner:
         res: dict = {"frontend": fe, "backend": be, "dir": direction, "burst": burst, "size": size, "rep": rep,
                      "variant": variant, "mpps": None}
         t_start = time.monotonic()
+        pair = (self.be_cpu, self.fe_cpu)
+        before = cross_core_ns(pair)
         try:
             with self.started(fe, be, direction, burst, size, variant) as st:
                 res["logs"] = st.logs
                 self._measure(res, st)
         except StartFailed as e:
             res["logs"], res["error"] = e.logs, str(e)
+        res["xcore_ns"] = [before, cross_core_ns(pair)]  # before and after: did it change meanwhile?
         res["seconds"] = round(time.monotonic() - t_start, 1)
         return res
 
@@ -436,7 +443,7 @@ class Runner:
         bep.stop()
         ft, bt = fep.text(), bep.text()
         if fe == "testpmd":
-            samples = after_start(testpmd_samples(ft, "Tx-pps" if key == "tx" else "Rx-pps", nports),
+            samples = after_start(testpmd_samples(ft, st.testpmd_column, nports),
                                   max(0, round(self.a.warmup)))
             res["fe_totals"] = testpmd_totals(ft)
         else:
@@ -472,6 +479,23 @@ def _dist(v: list[float]) -> dict | None:
     return {"median": round(statistics.median(v), 3), "min": round(min(v), 3), "max": round(max(v), 3), "n": len(v)}
 
 
+def _steady_ratios(sel: list[dict], spread: float = 1.5) -> list[float]:
+    """vring / DPDK of each repetition whose two runs saw about the same line round trip between
+    the cores (all four reads, before and after each run, within ``spread`` of each other): on a VM
+    whose vCPUs the host moves, a pair measured across a move compares two machines."""
+    out = []
+    for rep in sorted({r["rep"] for r in sel}):
+        pair = {r["backend"]: r for r in sel if r["rep"] == rep}
+        v, p = pair.get("vring"), pair.get("dpdk")
+        if not (v and p and v.get("mpps") and p.get("mpps")):
+            continue
+        lat = [x for r in (v, p) for x in r.get("xcore_ns") or [None, None]]
+        if None in lat or max(lat) > spread * min(lat):
+            continue
+        out.append(v["mpps"] / p["mpps"])
+    return out
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     keys = []
     for r in runs:
@@ -503,6 +527,10 @@ def summarize(runs: list[dict]) -> list[dict]:
         v, p = row["vring"], row["dpdk"]
         row["ratio_median"] = round(v["median"] / p["median"], 3) if v and p and p["median"] > 0 else None
         row["ratio_best"] = round(v["max"] / p["max"], 3) if v and p and p["max"] > 0 else None
+        row["xcore_ns"] = _dist([x for r in sel for x in r.get("xcore_ns") or [] if x])
+        steady = _steady_ratios(sel)
+        row["steady_pairs"] = f"{len(steady)}/{len({r['rep'] for r in sel})}"
+        row["ratio_steady"] = round(statistics.median(steady), 3) if steady else None
         out.append(row)
     return out
 
@@ -534,6 +562,29 @@ def plot(summary: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def cross_core_ns(cpus: tuple[int, int]) -> float | None:
+    """The line round trip between the two CPUs now (bench/xcore.py): the least of three quick reads."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    from xcore import round_trip_ns
+
+    v = [x for x in (round_trip_ns(cpus, rounds=5000) for _ in range(3)) if x is not None]
+    return min(v) if v else None
+
+
+def machine() -> dict:
+    """What the numbers were measured on: these VMs change from one session to the next."""
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    testpmd = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "dpdk"], capture_output=True, text=True,
+                             timeout=10).stdout
+        testpmd = out.strip()
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": os.uname().release, "dpdk": testpmd}
 
 
 def _ints(s: str) -> list[int]:
@@ -610,22 +661,25 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "e2e.json")
     with open(out_json, "w") as f:
-        json.dump({"args": vars(args), "cpus": os.cpu_count(), "elapsed_s": round(time.monotonic() - t_all, 1),
-                   "summary": summary, "runs": runs}, f, indent=1)
+        json.dump({"args": vars(args), "cpus": os.cpu_count(), "machine": machine(),
+                   "elapsed_s": round(time.monotonic() - t_all, 1), "summary": summary, "runs": runs}, f, indent=1)
     out_png = os.path.join(args.out, "e2e_ratio.png")
     plot(summary, out_png)
     print("| frontend | variant | dir | burst | size | vring Mpps med (min-max) | DPDK Mpps med (min-max) | "
-          "ratio med | empty polls in the window: vring / DPDK (bound) | whole life: vring / DPDK (bound) | "
-          "foreign CPU max |")
-    print("|---|---|---|---:|---:|---|---|---:|---:|---:|---:|")
+          "ratio med | ratio, pairs at one latency | cross-core ns | empty polls in the window: vring / DPDK (bound) | "
+          "whole life: vring / DPDK (bound) | foreign CPU max |")
+    print("|---|---|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|")
     fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})" if d else "failed"  # noqa: E731
     pct = lambda d, nd=1: f"{d['median']:.{nd}%}" if d else "-"  # noqa: E731
+    ns = lambda d: f"{d['median']:.0f} ({d['min']:.0f}-{d['max']:.0f})" if d else "-"  # noqa: E731
     for s in summary:
         ratio = s["ratio_median"] if s["ratio_median"] is not None else "-"
         print(f"| {s['frontend']} | {s['variant']} | {s['dir']} | {s['burst']} | {s['size']} | {fmt(s['vring'])} | "
-              f"{fmt(s['dpdk'])} | {ratio} | {pct(s['vring_empty_share'])} / {pct(s['dpdk_empty_share'])} | "
+              f"{fmt(s['dpdk'])} | {ratio} | {s['ratio_steady'] or '-'} ({s['steady_pairs']}) | "
+              f"{ns(s['xcore_ns'])} | {pct(s['vring_empty_share'])} / {pct(s['dpdk_empty_share'])} | "
               f"{pct(s['vring_empty_share_run'])} / {pct(s.get('dpdk_empty_share_max_run'))} | "
               f"{s['foreign_cpu_max']}% |")
+    print(f"measured on {machine()}")
     print(f"elapsed {time.monotonic() - t_all:.0f} s; wrote {out_json} and {out_png}")
     return 0 if all(r.get("mpps") is not None for r in runs) and runs else 1
 

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         with Runner(args, work).started("testpmd", args.backend, args.dir, args.burst, args.size, args.variant) as st:
             time.sleep(2)
             data = os.path.join(work, "perf.data")
-            key = "Tx-pps" if st.key == "tx" else "Rx-pps"
+            key = st.testpmd_column
             n0 = len(testpmd_samples(st.fep.text(), key, st.nports))
             subprocess.run(["perf", "record", "-q", "-C", f"{args.be_cpu},{args.fe_cpu}", "-F", str(args.freq),
                             "-o", data, "--", "sleep", str(args.seconds)], check=True, capture_output=True)

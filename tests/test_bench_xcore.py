@@ -1,0 +1,55 @@
+"""bench/xcore.py's cache-line round trip, and how bench/e2e.py uses it to pair runs made under the
+same latency between the cores (the host moves these VMs' vCPUs: ~90 ns one spell, ~320 the next)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from conftest import bench_script
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    return bench_script("e2e")
+
+
+@pytest.fixture(scope="module")
+def xcore():
+    # imported by its own name, as bench/e2e.py does: numba's cache of its kernels records the module
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import xcore
+
+    return xcore
+
+
+def test_round_trip_between_two_cpus(xcore):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.fail("this test needs two CPUs (CI has two)")
+    ns = xcore.round_trip_ns((cpus[0], cpus[1]), rounds=2000)
+    # two threads really handed the line over 2000 times (a hang would be a None after 10 s):
+    # a round trip between cores costs at least a few ns and, busy VM or not, far less than 1 ms
+    assert ns is not None and 1 < ns < 1e6
+    assert xcore.round_trip_ns((cpus[0], cpus[0])) is None  # one CPU: nothing to measure
+    assert xcore.round_trip_ns((cpus[0], 4096)) is None  # a CPU we may not run on
+
+
+def _run(backend, rep, mpps, lat):
+    return {"frontend": "testpmd", "variant": "packed", "dir": "loop", "burst": 32, "size": 64,
+            "backend": backend, "rep": rep, "mpps": mpps, "xcore_ns": lat}
+
+
+def test_steady_pairs_are_the_ones_measured_at_one_latency(e2e):
+    runs = [
+        _run("vring", 0, 12.0, [90, 95]), _run("dpdk", 0, 10.0, [92, 100]),  # steady: 1.2
+        _run("vring", 1, 6.0, [320, 330]), _run("dpdk", 1, 12.0, [95, 90]),  # the host moved a vCPU: out
+        _run("vring", 2, 7.0, [320, 321]), _run("dpdk", 2, 7.0, [330, 318]),  # steady at the far latency
+        _run("vring", 3, 7.0, [90, 300]), _run("dpdk", 3, 9.0, [300, 300]),  # moved during the vring run
+        _run("vring", 4, None, [90, 90]), _run("dpdk", 4, 9.0, [90, 90]),  # a failed run
+        _run("vring", 5, 9.0, [None, 90]), _run("dpdk", 5, 9.0, [90, 90]),  # no probe
+    ]
+    assert e2e._steady_ratios(runs) == pytest.approx([1.2, 1.0])
+    row = e2e.summarize(runs)[0]
+    assert row["steady_pairs"] == "2/6" and row["ratio_steady"] == pytest.approx(1.1)
+    assert row["xcore_ns"]["min"] == 90 and row["xcore_ns"]["max"] == 330
