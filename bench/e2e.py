@@ -579,12 +579,11 @@ def machine() -> dict:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    testpmd = ""
+    dpdk = ""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "dpdk"], capture_output=True, text=True,
-                             timeout=10).stdout
-        testpmd = out.strip()
-    return {"cpu": model, "cpus": os.cpu_count(), "kernel": os.uname().release, "dpdk": testpmd}
+        dpdk = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "dpdk"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    return {"cpu": model, "cpus": os.cpu_count(), "kernel": os.uname().release, "dpdk": dpdk}
 
 
 def _ints(s: str) -> list[int]:
@@ -660,8 +659,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs)
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "e2e.json")
+    host = machine()
     with open(out_json, "w") as f:
-        json.dump({"args": vars(args), "cpus": os.cpu_count(), "machine": machine(),
+        json.dump({"args": vars(args), "cpus": os.cpu_count(), "machine": host,
                    "elapsed_s": round(time.monotonic() - t_all, 1), "summary": summary, "runs": runs}, f, indent=1)
     out_png = os.path.join(args.out, "e2e_ratio.png")
     plot(summary, out_png)
@@ -680,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ns(s['xcore_ns'])} | {pct(s['vring_empty_share'])} / {pct(s['dpdk_empty_share'])} | "
               f"{pct(s['vring_empty_share_run'])} / {pct(s.get('dpdk_empty_share_max_run'))} | "
               f"{s['foreign_cpu_max']}% |")
-    print(f"measured on {machine()}")
+    print(f"measured on {host}")
     print(f"elapsed {time.monotonic() - t_all:.0f} s; wrote {out_json} and {out_png}")
     return 0 if all(r.get("mpps") is not None for r in runs) and runs else 1
 
