@@ -51,7 +51,8 @@ def _pong(line: int, stop: int) -> None:
 
 
 def round_trip_ns(cpus: tuple[int, int] = (0, 1), rounds: int = 20000) -> float | None:
-    """One measurement: ``rounds`` hand-overs between ``cpus``; None if they can't be pinned."""
+    """One measurement: ``rounds`` hand-overs between ``cpus``; None if they can't be pinned or the
+    other thread stops answering."""
     if not set(cpus) <= os.sched_getaffinity(0) or cpus[0] == cpus[1]:
         return None
     buf = np.zeros(32, dtype=np.int64)  # the line at [0], the stop flag a line further at [16]
@@ -69,13 +70,12 @@ def round_trip_ns(cpus: tuple[int, int] = (0, 1), rounds: int = 20000) -> float 
         give_up = int(2e9 / ns_per_cycle())  # 2 s
         if _ping(line, 100, give_up) >= 0:  # warm: both threads running, the line in play
             res.append(_ping(line, rounds, give_up))
-        buf[first + 16] = 1  # stop
 
     t = [threading.Thread(target=pong, daemon=True), threading.Thread(target=ping, daemon=True)]
     for th in t:
         th.start()
     t[1].join(10)
-    buf[first + 16] = 1
+    buf[first + 16] = 1  # stop the answering thread
     t[0].join(1)
     if not res or res[0] < 0:
         return None
