@@ -31,6 +31,8 @@ one CPU): on a shared 2-core machine a run with foreign load is not clean.
         --bursts 1,8,32,64 --sizes 64,512,1500 --reps 5 --seconds 5
     /tmp/venv/bin/python bench/e2e.py --frontends vring --rate 4 --dirs tx,loop,xconnect \\
         --bursts 1,8,32 --sizes 64      # same offered load (4 Mpps per TX queue): compare headroom
+    /tmp/venv/bin/python bench/e2e.py --frontends testpmd --variants packed --dirs loop --bursts 32 \
+        --sizes 64 --vring-args '--hold-us 0'   # one setting of vring net; alternate with the default
 
 Writes bench/results/e2e.json (every run and a summary per configuration) and
 bench/results/e2e_ratio.png (vring/DPDK median ratio vs burst).
@@ -42,6 +44,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -324,15 +327,20 @@ class Runner:
         os.makedirs(d, exist_ok=True)
         return tag, os.path.join("/tmp", f"{tag}.sock"), d
 
+    def vring_argv(self, direction: str, burst: int, size: int, sock: str, variant: str = "split") -> list[str]:
+        """``vring net`` as e2e runs it; ``--vring-args`` go last, so they can override (A/B of an option)."""
+        return ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net",
+                *[a for s in socks(sock, direction) for a in ("--socket", s)], "--control", control(sock),
+                "--mode", VRING_MODE[direction], "--poll", "--cpus", str(self.be_cpu), "--burst", str(burst),
+                "--frame-size", str(size), "--queues", str(VARIANTS[variant][1]),
+                *shlex.split(self.a.vring_args)]
+
     def backend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str,
                 variant: str = "split") -> Proc:
         q = VARIANTS[variant][1]
         if kind == "vring":
-            argv = ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net",
-                    *[a for s in socks(sock, direction) for a in ("--socket", s)], "--control", control(sock),
-                    "--mode", VRING_MODE[direction], "--poll", "--cpus", str(self.be_cpu), "--burst", str(burst),
-                    "--frame-size", str(size), "--queues", str(q)]
-            return Proc("be_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            return Proc("be_vring", self.vring_argv(direction, burst, size, sock, variant), d,
+                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
         argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.fe_cpu},1@{self.be_cpu}", "--no-pci", "--no-huge",
                 "-m", "256", f"--file-prefix={tag}_be",
                 *[a for i, s in enumerate(socks(sock, direction))
@@ -608,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0.0, metavar="MPPS",
                     help="the in-tree generator's offered load per TX queue (default 0: unpaced); with a rate both "
                          "back-ends carry the same load and their empty-poll shares compare their headroom")
+    ap.add_argument("--vring-args", default="", metavar="ARGS",
+                    help="more options for vring net (one string, e.g. '--hold-us 0'): to compare settings of "
+                         "one build, run e2e once per setting (--backends vring,dpdk keeps DPDK as the yardstick)")
     ap.add_argument("--dpdk-cycles", action="store_true",
                     help="run testpmd with --record-core-cycles and record its busy ns per packet (it then reads "
                          "the clock on every poll, empty ones too: keep it out of runs that compare empty polls)")

@@ -1,8 +1,10 @@
 """bench/e2e.py's empty-poll window: two prints of testpmd's (and two samples of vring's) poll
 counts, differenced. The testpmd text is what DPDK 22.11's testpmd printed for `show fwd stats all`
-here (net_vhost in io mode behind a virtio-user flowgen, burst 1), 5 s apart."""
+here (net_vhost in io mode behind a virtio-user flowgen, burst 1), 5 s apart. Also: the vring net
+command line e2e runs."""
 from __future__ import annotations
 
+import argparse
 import re
 
 import pytest
@@ -69,3 +71,20 @@ def test_vring_window(e2e):
     assert w["busy_ns_per_frame"] == pytest.approx(1600000 / 16000 * 0.5)
     assert e2e.vring_window(b, a) is None
     assert e2e.vring_window({"polls": 1}, b) is None  # a sample from a vring without raw counts
+
+
+def test_vring_args_reach_vring_net_last(e2e):
+    """--vring-args are appended to e2e's own vring net options, so vring's parser takes them over
+    e2e's (the last of a repeated option wins) and an A/B of one option needs no code change."""
+    from vring.cli import build_parser
+
+    def runner(extra):
+        return e2e.Runner(argparse.Namespace(be_cpu=1, fe_cpu=0, vring_args=extra), "/tmp")
+
+    base = runner("").vring_argv("loop", 32, 64, "/tmp/x.sock", "packed")
+    argv = runner("--hold-us 0 --burst 8").vring_argv("loop", 32, 64, "/tmp/x.sock", "packed")
+    assert argv[:len(base)] == base and argv[len(base):] == ["--hold-us", "0", "--burst", "8"]
+    net = argv[argv.index("-m") + 2:]  # what follows "python -m vring"
+    args = build_parser().parse_args(net)
+    assert (args.mode, args.burst, args.hold_us, args.poll) == ("loopback", 8, 0.0, True)
+    assert build_parser().parse_args(base[base.index("-m") + 2:]).hold_us is None
