@@ -146,7 +146,7 @@ def summarize(data: str, cpus: list[int], blobs: list[tuple[int, str]]) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="vring", choices=["vring", "dpdk"])
     ap.add_argument("--variant", default="packed", choices=["split", "packed", "2q"])
@@ -159,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--be-cpu", type=int, default=1)
     ap.add_argument("--fe-cpu", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile"))
-    args = ap.parse_args(argv)
+    ap.add_argument("--vring-args", default="", metavar="ARGS", help="more options for vring net, as e2e's")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     for tool in ("perf", "objdump", TESTPMD):
         if shutil.which(tool) is None:
             log(f"{tool} not found (apt-get install linux-perf binutils dpdk-dev)")
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="vring-prof-")
     res: dict = {"backend": args.backend, "variant": args.variant, "dir": args.dir, "burst": args.burst,
                  "size": args.size, "seconds": args.seconds, "freq": args.freq, "be_cpu": args.be_cpu,
-                 "fe_cpu": args.fe_cpu}
+                 "fe_cpu": args.fe_cpu, "vring_args": args.vring_args}
     try:
         with Runner(args, work).started("testpmd", args.backend, args.dir, args.burst, args.size, args.variant) as st:
             time.sleep(2)

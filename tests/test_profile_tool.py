@@ -50,3 +50,10 @@ def test_samples_go_on_the_instruction_before(profile, tmp_path):
 def test_perf_names_for_code_without_a_file(profile):
     assert profile.is_jit("[JIT] tid 25263") and profile.is_jit("/tmp/perf-25084.map")
     assert not profile.is_jit("/usr/lib/x86_64-linux-gnu/libc.so.6") and not profile.is_jit("[kernel.kallsyms]")
+
+
+def test_its_options_are_enough_for_e2e_runner(profile):
+    """perf_profile starts its peers with e2e's Runner, which reads some of its options."""
+    args = profile.parser().parse_args(["--dir", "xconnect", "--vring-args", "--hold-us 0"])
+    argv = profile.Runner(args, "/tmp").vring_argv(args.dir, args.burst, args.size, "/tmp/p.sock", args.variant)
+    assert argv[-2:] == ["--hold-us", "0"] and argv.count("--socket") == 2
