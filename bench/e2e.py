@@ -31,7 +31,7 @@ one CPU): on a shared 2-core machine a run with foreign load is not clean.
         --bursts 1,8,32,64 --sizes 64,512,1500 --reps 5 --seconds 5
     /tmp/venv/bin/python bench/e2e.py --frontends vring --rate 4 --dirs tx,loop,xconnect \\
         --bursts 1,8,32 --sizes 64      # same offered load (4 Mpps per TX queue): compare headroom
-    /tmp/venv/bin/python bench/e2e.py --frontends testpmd --variants packed --dirs loop --bursts 32 \
+    /tmp/venv/bin/python bench/e2e.py --frontends testpmd --variants packed --dirs loop --bursts 32 \\
         --sizes 64 --vring-args '--hold-us 0'   # one setting of vring net; alternate with the default
 
 Writes bench/results/e2e.json (every run and a summary per configuration) and
