@@ -617,8 +617,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the in-tree generator's offered load per TX queue (default 0: unpaced); with a rate both "
                          "back-ends carry the same load and their empty-poll shares compare their headroom")
     ap.add_argument("--vring-args", default="", metavar="ARGS",
-                    help="more options for vring net (one string, e.g. '--hold-us 0'): to compare settings of "
-                         "one build, run e2e once per setting (--backends vring,dpdk keeps DPDK as the yardstick)")
+                    help="more options for vring net (one string, e.g. '--hold-us 0'; a lone flag as "
+                         "--vring-args=--flag): to compare settings of one build, run e2e once per setting "
+                         "(--backends vring,dpdk keeps DPDK as the yardstick)")
     ap.add_argument("--dpdk-cycles", action="store_true",
                     help="run testpmd with --record-core-cycles and record its busy ns per packet (it then reads "
                          "the clock on every poll, empty ones too: keep it out of runs that compare empty polls)")
