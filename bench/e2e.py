@@ -363,7 +363,6 @@ class Runner:
 
     def frontend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str,
                  variant: str = "split") -> Proc:
-        devargs, q = VARIANTS[variant]
         if kind == "vring":
             secs = self.a.warmup + self.a.seconds + 2
             argv = ["taskset", "-c", str(self.fe_cpu), sys.executable, "-m", "vring", "frontend",
@@ -371,14 +370,20 @@ class Runner:
                     "--mode", FE_VRING_MODE[direction], "--burst", str(burst), "--frame-size", str(size),
                     "--seconds", str(secs), "--wait", "60", "--rate", str(self.a.rate)]
             return Proc("fe_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.be_cpu},1@{self.fe_cpu}", "--no-pci", "--no-huge",
+        return Proc("fe_testpmd", self.testpmd_fe_argv(direction, burst, size, sock, tag, variant), d)
+
+    def testpmd_fe_argv(self, direction: str, burst: int, size: int, sock: str, tag: str,
+                        variant: str = "split") -> list[str]:
+        """testpmd as the virtio-user front-end; with ``--fe-bursts`` it also counts its own bursts."""
+        devargs, q = VARIANTS[variant]
+        return ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.be_cpu},1@{self.fe_cpu}", "--no-pci", "--no-huge",
                 "-m", "256", f"--file-prefix={tag}_fe",
                 *[a for i, s in enumerate(socks(sock, direction))
                   for a in ("--vdev", f"net_virtio_user{i},path={s},queues={q}{devargs}")],
                 "--",
                 f"--forward-mode={FE_TESTPMD_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
-                f"--burst={burst}", f"--txpkts={size}", f"--rxq={q}", f"--txq={q}", "--nb-cores=1"]
-        return Proc("fe_testpmd", argv, d)
+                f"--burst={burst}", f"--txpkts={size}", f"--rxq={q}", f"--txq={q}", "--nb-cores=1",
+                *(["--record-burst-stats"] if self.a.fe_bursts else [])]
 
     @contextlib.contextmanager
     def started(self, fe: str, be: str, direction: str, burst: int, size: int, variant: str = "split"):
@@ -454,6 +459,8 @@ class Runner:
             samples = after_start(testpmd_samples(ft, st.testpmd_column, nports),
                                   max(0, round(self.a.warmup)))
             res["fe_totals"] = testpmd_totals(ft)
+            if self.a.fe_bursts:  # the front-end's own bursts over its life (its print at exit)
+                res["fe_bursts"] = {w: testpmd_bursts(ft, w, burst) for w in ("RX", "TX")}
         else:
             samples = after_start(vring_fe_samples(ft, key), max(0, round(self.a.warmup)))
             m = re.findall(r"^\{.*\}$", ft, re.M)
@@ -623,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dpdk-cycles", action="store_true",
                     help="run testpmd with --record-core-cycles and record its busy ns per packet (it then reads "
                          "the clock on every poll, empty ones too: keep it out of runs that compare empty polls)")
+    ap.add_argument("--fe-bursts", action="store_true",
+                    help="run the testpmd front-end with --record-burst-stats and record how full its RX and TX "
+                         "bursts were (fe_bursts): how the front-end's work is cut up against each back-end")
     ap.add_argument("--be-cpu", type=int, default=1, help="CPU of the back-end's data plane (default 1)")
     ap.add_argument("--fe-cpu", type=int, default=0, help="CPU of the frontend's data plane (default 0)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{tool} not found (apt-get install linux-perf binutils dpdk-dev)")
             return 2
     # Runner reads these e2e options
-    args.warmup, args.rate, args.dpdk_cycles = 0.0, 0.0, False
+    args.warmup, args.rate, args.dpdk_cycles, args.fe_bursts = 0.0, 0.0, False, False
     work = tempfile.mkdtemp(prefix="vring-prof-")
     res: dict = {"backend": args.backend, "variant": args.variant, "dir": args.dir, "burst": args.burst,
                  "size": args.size, "seconds": args.seconds, "freq": args.freq, "be_cpu": args.be_cpu,

@@ -88,3 +88,16 @@ def test_vring_args_reach_vring_net_last(e2e):
     args = build_parser().parse_args(net)
     assert (args.mode, args.burst, args.hold_us, args.poll) == ("loopback", 8, 0.0, True)
     assert build_parser().parse_args(base[base.index("-m") + 2:]).hold_us is None
+
+
+def test_fe_bursts_asks_the_testpmd_front_end_for_its_burst_counts(e2e):
+    """--fe-bursts adds --record-burst-stats to the testpmd front-end (its exit print then holds the
+    RX-bursts / TX-bursts lines testpmd_bursts reads), and only then: counting costs the front-end."""
+    def argv(fe_bursts):
+        r = e2e.Runner(argparse.Namespace(be_cpu=1, fe_cpu=0, vring_args="", fe_bursts=fe_bursts), "/tmp")
+        return r.testpmd_fe_argv("loop", 32, 64, "/tmp/x.sock", "t", "packed")
+
+    on, off = argv(True), argv(False)
+    assert on[:-1] == off and on[-1] == "--record-burst-stats"
+    assert "--forward-mode=flowgen" in off and any("packed_vq=1" in a for a in off)
+    assert e2e.testpmd_bursts(SECOND, "TX", 32)["spread"] == {0: 0.0, 1: 1.0}
