@@ -337,22 +337,26 @@ class Runner:
 
     def backend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str,
                 variant: str = "split") -> Proc:
-        q = VARIANTS[variant][1]
         if kind == "vring":
             return Proc("be_vring", self.vring_argv(direction, burst, size, sock, variant), d,
                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        argv = ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.fe_cpu},1@{self.be_cpu}", "--no-pci", "--no-huge",
+        return Proc("be_dpdk", self.testpmd_be_argv(direction, burst, size, sock, tag, variant), d, commands=True)
+
+    def testpmd_be_argv(self, direction: str, burst: int, size: int, sock: str, tag: str,
+                        variant: str = "split") -> list[str]:
+        """testpmd as DPDK's vhost back-end, interactive and forwarding from the start: e2e asks for
+        its stats at the window's ends."""
+        q = VARIANTS[variant][1]
+        return ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.fe_cpu},1@{self.be_cpu}", "--no-pci", "--no-huge",
                 "-m", "256", f"--file-prefix={tag}_be",
                 *[a for i, s in enumerate(socks(sock, direction))
                   for a in ("--vdev", f"net_vhost{i},iface={s},queues={q}")],
                 "--",
-                # interactive, forwarding from the start: e2e asks for its stats at the window's ends
                 "-i", "--auto-start",
                 f"--forward-mode={DPDK_MODE[direction]}", "--total-num-mbufs=16384",
                 f"--burst={burst}", f"--txpkts={size}", "--nb-cores=1", "--record-burst-stats",
                 *(["--record-core-cycles"] if self.a.dpdk_cycles else []),
                 f"--rxq={q}", f"--txq={q}"]
-        return Proc("be_dpdk", argv, d, commands=True)
 
     def window_mark(self, be: str, bep: Proc, sock: str, direction: str, burst: int) -> dict | None:
         """The back-end's poll counts now (see ``dpdk_window`` / ``vring_window``)."""

@@ -101,3 +101,18 @@ def test_fe_bursts_asks_the_testpmd_front_end_for_its_burst_counts(e2e):
     assert on[:-1] == off and on[-1] == "--record-burst-stats"
     assert "--forward-mode=flowgen" in off and any("packed_vq=1" in a for a in off)
     assert e2e.testpmd_bursts(SECOND, "TX", 32)["spread"] == {0: 0.0, 1: 1.0}
+
+
+def test_both_testpmd_roles_get_the_variants_queues_and_ports(e2e):
+    """The back-end and the front-end testpmd are built from the same variant table: a cross-connect
+    gets two vdevs on each side (port 0 <-> port 1) and the 2q variant two queue pairs on both."""
+    r = e2e.Runner(argparse.Namespace(be_cpu=1, fe_cpu=0, vring_args="", fe_bursts=False, dpdk_cycles=False), "/tmp")
+    be = r.testpmd_be_argv("xconnect", 8, 64, "/tmp/x.sock", "t", "2q")
+    fe = r.testpmd_fe_argv("xconnect", 8, 64, "/tmp/x.sock", "t", "2q")
+    assert [a for a in be if a.startswith("net_vhost")] == ["net_vhost0,iface=/tmp/x.sock,queues=2",
+                                                            "net_vhost1,iface=/tmp/xb.sock,queues=2"]
+    assert [a for a in fe if a.startswith("net_virtio_user")] == ["net_virtio_user0,path=/tmp/x.sock,queues=2",
+                                                                  "net_virtio_user1,path=/tmp/xb.sock,queues=2"]
+    for argv in (be, fe):
+        assert "--rxq=2" in argv and "--txq=2" in argv and "--burst=8" in argv
+    assert "--forward-mode=io" in be and "--forward-mode=flowgen" in fe and "-i" in be
