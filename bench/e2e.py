@@ -73,6 +73,13 @@ def socks(sock: str, direction: str) -> list[str]:
     return [sock, sock.replace(".sock", "b.sock")] if direction == "xconnect" else [sock]
 
 
+def testpmd_eal(main_cpu: int, fwd_cpu: int, prefix: str, vdevs: list[str]) -> list[str]:
+    """testpmd's command line up to its own options (ending in "--"), as both roles run it: no
+    hugepages nor PCI, its idle main lcore on ``main_cpu`` and its one forwarding lcore on ``fwd_cpu``."""
+    return ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{main_cpu},1@{fwd_cpu}", "--no-pci", "--no-huge",
+            "-m", "256", f"--file-prefix={prefix}", *[a for v in vdevs for a in ("--vdev", v)], "--"]
+
+
 def control(sock: str) -> str:
     """vring's control socket for a run (vring stats and e2e's window samples read it)."""
     return sock.replace(".sock", ".ctl")
@@ -347,11 +354,8 @@ class Runner:
         """testpmd as DPDK's vhost back-end, interactive and forwarding from the start: e2e asks for
         its stats at the window's ends."""
         q = VARIANTS[variant][1]
-        return ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.fe_cpu},1@{self.be_cpu}", "--no-pci", "--no-huge",
-                "-m", "256", f"--file-prefix={tag}_be",
-                *[a for i, s in enumerate(socks(sock, direction))
-                  for a in ("--vdev", f"net_vhost{i},iface={s},queues={q}")],
-                "--",
+        return [*testpmd_eal(self.fe_cpu, self.be_cpu, f"{tag}_be",
+                             [f"net_vhost{i},iface={s},queues={q}" for i, s in enumerate(socks(sock, direction))]),
                 "-i", "--auto-start",
                 f"--forward-mode={DPDK_MODE[direction]}", "--total-num-mbufs=16384",
                 f"--burst={burst}", f"--txpkts={size}", "--nb-cores=1", "--record-burst-stats",
@@ -380,11 +384,9 @@ class Runner:
                         variant: str = "split") -> list[str]:
         """testpmd as the virtio-user front-end; with ``--fe-bursts`` it also counts its own bursts."""
         devargs, q = VARIANTS[variant]
-        return ["stdbuf", "-oL", TESTPMD, "--lcores", f"0@{self.be_cpu},1@{self.fe_cpu}", "--no-pci", "--no-huge",
-                "-m", "256", f"--file-prefix={tag}_fe",
-                *[a for i, s in enumerate(socks(sock, direction))
-                  for a in ("--vdev", f"net_virtio_user{i},path={s},queues={q}{devargs}")],
-                "--",
+        return [*testpmd_eal(self.be_cpu, self.fe_cpu, f"{tag}_fe",
+                             [f"net_virtio_user{i},path={s},queues={q}{devargs}"
+                              for i, s in enumerate(socks(sock, direction))]),
                 f"--forward-mode={FE_TESTPMD_MODE[direction]}", "--stats-period", "1", "--total-num-mbufs=16384",
                 f"--burst={burst}", f"--txpkts={size}", f"--rxq={q}", f"--txq={q}", "--nb-cores=1",
                 *(["--record-burst-stats"] if self.a.fe_bursts else [])]
