@@ -611,7 +611,7 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="tiny matrix: both frontends, tx, burst 32, 64 B, 2 reps, 3 s (< 2 min)")
@@ -643,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fe-cpu", type=int, default=0, help="CPU of the frontend's data plane (default 0)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--keep-logs", metavar="DIR", help="copy every run's logs here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.quick:
         args.frontends, args.dirs, args.bursts, args.sizes = "testpmd,vring", "tx", "32", "64"

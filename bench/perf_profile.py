@@ -31,6 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e import TESTPMD, Runner, StartFailed, log, testpmd_samples  # noqa: E402
+from e2e import parser as e2e_parser  # noqa: E402
 
 # how a sampled JIT instruction is labelled: the first pattern its text matches (objdump AT&T syntax)
 KINDS = [
@@ -163,20 +164,25 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def runner_args(args: argparse.Namespace) -> argparse.Namespace:
+    """What e2e's Runner reads: e2e's defaults, then our options, and no warm-up (perf records a
+    window of its own), so an option e2e adds needs nothing here."""
+    return argparse.Namespace(**{**vars(e2e_parser().parse_args([])), **vars(args), "warmup": 0.0})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     for tool in ("perf", "objdump", TESTPMD):
         if shutil.which(tool) is None:
             log(f"{tool} not found (apt-get install linux-perf binutils dpdk-dev)")
             return 2
-    # Runner reads these e2e options
-    args.warmup, args.rate, args.dpdk_cycles, args.fe_bursts = 0.0, 0.0, False, False
     work = tempfile.mkdtemp(prefix="vring-prof-")
     res: dict = {"backend": args.backend, "variant": args.variant, "dir": args.dir, "burst": args.burst,
                  "size": args.size, "seconds": args.seconds, "freq": args.freq, "be_cpu": args.be_cpu,
                  "fe_cpu": args.fe_cpu, "vring_args": args.vring_args}
     try:
-        with Runner(args, work).started("testpmd", args.backend, args.dir, args.burst, args.size, args.variant) as st:
+        runner = Runner(runner_args(args), work)
+        with runner.started("testpmd", args.backend, args.dir, args.burst, args.size, args.variant) as st:
             time.sleep(2)
             data = os.path.join(work, "perf.data")
             key = st.testpmd_column

@@ -54,6 +54,9 @@ def test_perf_names_for_code_without_a_file(profile):
 
 def test_its_options_are_enough_for_e2e_runner(profile):
     """perf_profile starts its peers with e2e's Runner, which reads some of its options."""
-    args = profile.parser().parse_args(["--dir", "xconnect", "--vring-args", "--hold-us 0"])
+    args = profile.runner_args(profile.parser().parse_args(["--dir", "xconnect", "--vring-args", "--hold-us 0"]))
     argv = profile.Runner(args, "/tmp").vring_argv(args.dir, args.burst, args.size, "/tmp/p.sock", args.variant)
     assert argv[-2:] == ["--hold-us", "0"] and argv.count("--socket") == 2
+    # every e2e option is there (e2e's default unless perf_profile has its own), warm-up none
+    assert set(vars(profile.e2e_parser().parse_args([]))) <= set(vars(args))
+    assert (args.warmup, args.rate, args.dpdk_cycles, args.fe_bursts, args.be_cpu) == (0.0, 0.0, False, False, 1)
