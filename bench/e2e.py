@@ -24,7 +24,8 @@ two moments, and its share is the upper bound those counts allow, as packets / b
 bursts at least were not empty), the same over the back-end's whole life (``be_polls``: testpmd
 polls from its start, long before the front-end connects, so that share says more about start-up
 than headroom), and how much CPU processes other than ours used meanwhile (``foreign_cpu``, % of
-one CPU): on a shared 2-core machine a run with foreign load is not clean.
+one CPU): on a shared 2-core machine a run with foreign load is not clean. With ``--fe-bursts`` the
+testpmd front-end counts its own bursts too (``fe_bursts``: how full its RX and TX bursts were).
 
     /tmp/venv/bin/python bench/e2e.py --quick            # < 2 min: burst 32, 64 B, tx, 2 reps, 3 s
     /tmp/venv/bin/python bench/e2e.py --frontends testpmd,vring --dirs tx,rx,loop \\
