@@ -138,6 +138,37 @@ def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     return n, total, buf_id, ndesc
 
 
+@inline_kernel
+def peek_one(qs, q, regions, writable, need):
+    """The next available chain if it is the common kind: one direct descriptor of the given
+    direction, at least ``need`` bytes long, inside one region. Returns (host address, length,
+    buffer id), or host address 0 when it isn't (none available, or unusual: ``pop`` decides).
+    Nothing moves until ``take_one``."""
+    d = qs[q]["desc"] + np.uint64(16 * np.int64(qs[q]["t_idx"]))
+    fl = load_u16_acquire(d + np.uint64(14))
+    wrap = qs[q]["t_wrap"] != 0
+    if ((fl & PACKED_DESC_F_AVAIL) != 0) != wrap or ((fl & PACKED_DESC_F_USED) != 0) == wrap:
+        return np.uint64(0), np.uint64(0), 0
+    if fl & (DESC_F_NEXT | DESC_F_INDIRECT | DESC_F_WRITE) != (DESC_F_WRITE if writable else 0):
+        return np.uint64(0), np.uint64(0), 0
+    ln = np.uint64(load_u32(d + np.uint64(8)))
+    if ln < need:
+        return np.uint64(0), np.uint64(0), 0
+    hva = translate_one(regions, qs[q]["mem"], load_u64(d), ln)
+    return hva, ln, np.int64(load_u16(d + np.uint64(12)))
+
+
+@inline_kernel
+def take_one(qs, q):
+    """Pop the one-descriptor chain ``peek_one`` found."""
+    idx = np.int64(qs[q]["t_idx"]) + 1
+    if idx == np.int64(qs[q]["size"]):
+        idx = 0
+        qs[q]["t_wrap"] ^= 1
+    qs[q]["t_idx"] = idx
+    qs[q]["t_count"] += 1
+
+
 SCAN = 64  # descriptors begin() looks ahead: enough for a burst, so the batch's misses can overlap
 
 
