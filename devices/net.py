@@ -172,6 +172,20 @@ def new_offload_scratch(ostats):
 
 
 @inline_kernel
+def _put_header(h, h0, h1, nch, hl):
+    """Write a virtio_net_hdr of ``hl`` bytes at ``h`` (fields as ``_deliver``'s h0, h1; num_buffers
+    ``nch`` if the header has it), storing only where it differs: a recycled buffer usually holds
+    this very header already, and a line we don't dirty is one the driver reads from its own cache
+    (DPDK's ASSIGN_UNLESS_EQUAL)."""
+    if load_u64(h) != h0:
+        store_u64(h, h0)
+    if load_u16(h + np.uint64(8)) != h1:
+        store_u16(h + np.uint64(8), h1)
+    if hl >= 12 and load_u16(h + np.uint64(10)) != np.uint16(nch):
+        store_u16(h + np.uint64(10), np.uint16(nch))
+
+
+@inline_kernel
 def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
     """Write one frame (source pieces after ``src_hdr`` header bytes) into dst's RX chains, behind
     a virtio_net_hdr whose first 10 bytes are h0 (bytes 0-7: flags, gso_type, hdr_len, gso_size,
@@ -206,17 +220,8 @@ def _deliver(qs, regions, dst, s_hva, s_len, ns, src_hdr, flen, sc, h0, h1):
         nch += 1
         cap += ln
     # virtio_net_hdr: the offload fields given (usually zero); num_buffers = chains used
-    if d_len[0] >= hl:
-        # the common case: the header fits in the first piece, written in place, and only where it
-        # differs: a recycled buffer usually holds this very header already, and a line we don't
-        # dirty is one the driver reads from its own cache (DPDK's ASSIGN_UNLESS_EQUAL)
-        h = d_hva[0]
-        if load_u64(h) != h0:
-            store_u64(h, h0)
-        if load_u16(h + np.uint64(8)) != h1:
-            store_u16(h + np.uint64(8), h1)
-        if hl >= 12 and load_u16(h + np.uint64(10)) != np.uint16(nch):
-            store_u16(h + np.uint64(10), np.uint16(nch))
+    if d_len[0] >= hl:  # the common case: the header fits in the first piece, written in place
+        _put_header(d_hva[0], h0, h1, nch, hl)
     else:
         for b in range(8):
             hdr[b] = (h0 >> np.uint64(8 * b)) & np.uint64(0xFF)
@@ -454,13 +459,7 @@ def _forward_one(qs, counters, regions, src, dst, hl):
     d, _, did = P.peek_one(qs, dst, regions, 1, hd + flen)
     if d == 0:
         return 0
-    # a zero header with num_buffers 1, stored only where it differs (as _deliver)
-    if load_u64(d) != 0:
-        store_u64(d, np.uint64(0))
-    if load_u16(d + np.uint64(8)) != 0:
-        store_u16(d + np.uint64(8), np.uint16(0))
-    if hd >= 12 and load_u16(d + np.uint64(10)) != 1:
-        store_u16(d + np.uint64(10), np.uint16(1))
+    _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
     copy_bytes(d + hd, s + hl, flen)
     P.take_one(qs, dst)
     P.put_used(qs, dst, did, hd + flen, 1)

@@ -68,6 +68,12 @@ def migrate_while_pinging(p: QemuGuest, src: QemuGuest, dst: QemuGuest, mig: str
     return m, info, t_done - t_mig
 
 
+def guest_tails(p: QemuGuest, src: QemuGuest, dst: QemuGuest) -> str:
+    """The guests' serial logs for a failure: the destination's longer, so that an oops there
+    shows its first lines (what faulted, the call trace), not only the panic at its end."""
+    return "\n".join((p.log_tail(20), src.log_tail(20), dst.log_tail(90)))
+
+
 def qemu_times(info: str) -> str:
     total = re.search(r"^total time: (\d+) ms", info, re.M)
     downtime = re.search(r"^downtime: (\d+) ms", info, re.M)
@@ -98,7 +104,7 @@ def test_guest_keeps_pinging_through_live_migration(sockdir, peers, vring_proc, 
                                     "ping_wait": 90}))
 
     def diag() -> str:
-        return "\n".join(g.log_tail(20) for g in (p, src, dst)) + f"\n--- vring ---\n{v.log_text()[-5000:]}"
+        return guest_tails(p, src, dst) + f"\n--- vring ---\n{v.log_text()[-5000:]}"
 
     m, info, t_mig = migrate_while_pinging(p, src, dst, mig, diag, t0)
     tx, rx = int(m.group(2)), int(m.group(3))
@@ -147,7 +153,7 @@ def test_guest_keeps_pinging_across_two_vring_processes(sockdir, peers, vring_pr
                                                      "interval": INTERVAL, "ping_wait": 90}))
 
     def diag() -> str:
-        return ("\n".join(g.log_tail(20) for g in (p, src, dst)) + f"\n--- vring A ---\n{va.log_text()[-4000:]}"
+        return (guest_tails(p, src, dst) + f"\n--- vring A ---\n{va.log_text()[-4000:]}"
                 + f"\n--- vring B ---\n{vb.log_text()[-4000:]}")
 
     m, info, t_mig = migrate_while_pinging(p, src, dst, mig, diag, t0)

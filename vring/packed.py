@@ -52,12 +52,17 @@ EMPTY = -1000  # no chain available (not an error)
 
 
 @inline_kernel
-def is_avail(qs, q, idx, wrap):
-    """Whether the descriptor at idx is available for the driver wrap counter ``wrap`` (§2.8.1)."""
-    fl = load_u16_acquire(qs[q]["desc"] + np.uint64(16 * idx + 14))
+def flags_avail(fl, wrap):
+    """Whether descriptor flags ``fl`` mark it available for the driver wrap counter ``wrap`` (§2.8.1)."""
     a = (fl & PACKED_DESC_F_AVAIL) != 0
     u = (fl & PACKED_DESC_F_USED) != 0
     return a == (wrap != 0) and u != (wrap != 0)
+
+
+@inline_kernel
+def is_avail(qs, q, idx, wrap):
+    """Whether the descriptor at idx is available for the driver wrap counter ``wrap``."""
+    return flags_avail(load_u16_acquire(qs[q]["desc"] + np.uint64(16 * idx + 14)), wrap)
 
 
 @kernel
@@ -145,9 +150,8 @@ def peek_one(qs, q, regions, writable, need):
     buffer id), or host address 0 when it isn't (none available, or unusual: ``pop`` decides).
     Nothing moves until ``take_one``."""
     d = qs[q]["desc"] + np.uint64(16 * np.int64(qs[q]["t_idx"]))
-    fl = load_u16_acquire(d + np.uint64(14))
-    wrap = qs[q]["t_wrap"] != 0
-    if ((fl & PACKED_DESC_F_AVAIL) != 0) != wrap or ((fl & PACKED_DESC_F_USED) != 0) == wrap:
+    fl = load_u16_acquire(d + np.uint64(14))  # loaded once: the tests below must see one value
+    if not flags_avail(fl, qs[q]["t_wrap"]):
         return np.uint64(0), np.uint64(0), 0
     if fl & (DESC_F_NEXT | DESC_F_INDIRECT | DESC_F_WRITE) != (DESC_F_WRITE if writable else 0):
         return np.uint64(0), np.uint64(0), 0
