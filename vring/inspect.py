@@ -83,6 +83,12 @@ def _pd():
     return pd
 
 
+def _flags_avail(fl: int, wrap: int) -> bool:
+    """Packed descriptor flags available for the driver wrap counter ``wrap`` (§2.8.1; the
+    kernels' ``packed.flags_avail``, in plain Python for copies and snapshots)."""
+    return bool(fl & PACKED_DESC_F_AVAIL) == bool(wrap) and bool(fl & PACKED_DESC_F_USED) != bool(wrap)
+
+
 def _u16(x: int) -> int:
     return int(x) & 0xFFFF
 
@@ -411,8 +417,7 @@ class PackedQueueState(QueueState):
         return int(d["last_avail_idx"]), int(d["avail_wrap"]), int(d["used_idx"]), int(d["used_wrap"])
 
     def _available(self, desc: np.ndarray, idx: int, wrap: int) -> bool:
-        fl = int(desc[idx]["flags"])
-        return bool(fl & PACKED_DESC_F_AVAIL) == bool(wrap) and bool(fl & PACKED_DESC_F_USED) != bool(wrap)
+        return _flags_avail(int(desc[idx]["flags"]), wrap)
 
     def pending_chains(self) -> list[dict[str, Any]]:
         """The chains available from the device's position, in order: slot, wrap, slots, buffer id."""
@@ -775,8 +780,7 @@ def _packed_pending(desc_raw: bytes, size: int, idx: int, wrap: int) -> int:
     flags = np.frombuffer(desc_raw, PACKED_DESC, size)["flags"]
     n = seen = 0
     while seen < size:
-        fl = int(flags[idx])
-        if bool(fl & PACKED_DESC_F_AVAIL) != bool(wrap) or bool(fl & PACKED_DESC_F_USED) == bool(wrap):
+        if not _flags_avail(int(flags[idx]), wrap):
             break
         while seen < size:
             fl = int(flags[idx])
