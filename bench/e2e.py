@@ -339,8 +339,9 @@ class Runner:
         """``vring net`` as e2e runs it; ``--vring-args`` go last, so they can override (A/B of an option)."""
         return ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net",
                 *[a for s in socks(sock, direction) for a in ("--socket", s)], "--control", control(sock),
-                "--mode", VRING_MODE[direction], "--poll", "--cpus", str(self.be_cpu), "--burst", str(burst),
-                "--frame-size", str(size), "--queues", str(VARIANTS[variant][1]),
+                "--mode", VRING_MODE[direction], *(["--poll"] if self.a.vring_mode == "poll" else []),
+                "--cpus", str(self.be_cpu), "--burst", str(burst), "--frame-size", str(size),
+                "--queues", str(VARIANTS[variant][1]),
                 *shlex.split(self.a.vring_args)]
 
     def backend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str,
@@ -630,6 +631,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--rate", type=float, default=0.0, metavar="MPPS",
                     help="the in-tree generator's offered load per TX queue (default 0: unpaced); with a rate both "
                          "back-ends carry the same load and their empty-poll shares compare their headroom")
+    ap.add_argument("--vring-mode", choices=("poll", "adaptive"), default="poll",
+                    help="vring's polling mode: --poll (busy-poll, as DPDK's PMD does; the default here) or its "
+                         "own default, adaptive (polls under load, sleeps on the kicks after an idle spell)")
     ap.add_argument("--vring-args", default="", metavar="ARGS",
                     help="more options for vring net (one string, e.g. '--hold-us 0'; a lone flag as "
                          "--vring-args=--flag): to compare settings of one build, run e2e once per setting "

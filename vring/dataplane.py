@@ -111,9 +111,12 @@ def end_round(ctrl, qs, watch, pollfds, buf, work, idle):
         ctrl[BUSY_ROUNDS] += 1
         return 0
     idle += 1
+    # One PAUSE (~40 ns here) per empty round, --poll included: spinning without it pulls the ring
+    # lines the driver is writing at full speed, and testpmd behind vring ran 7-9 % slower
+    # (bench/results/tries/epyc_stop23.md). In adaptive mode it also gives an idle spell a floor.
+    cpu_relax()
     if ctrl[IDLE_ROUNDS] == 0:
-        return idle  # --poll: straight back to polling (a pause here is ~40 ns of latency per round)
-    cpu_relax()  # adaptive: the idle spell is counted in rounds, so a round keeps a floor
+        return idle  # --poll: never sleeps
     if idle >= ctrl[IDLE_ROUNDS]:
         idle_sleep(ctrl, qs, watch, pollfds, buf)
         return 0
