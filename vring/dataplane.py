@@ -111,9 +111,10 @@ def end_round(ctrl, qs, watch, pollfds, buf, work, idle):
         ctrl[BUSY_ROUNDS] += 1
         return 0
     idle += 1
-    # One PAUSE (~40 ns here) per empty round, --poll included: spinning without it pulls the ring
-    # lines the driver is writing at full speed, and testpmd behind vring ran 7-9 % slower
-    # (bench/results/tries/epyc_stop23.md). In adaptive mode it also gives an idle spell a floor.
+    # One PAUSE (~40 ns here) per empty round, --poll included: with it testpmd behind vring ran 7-9 %
+    # faster by median, from fewer slow spells (bench/results/tries/epyc_stop23.md); likely because a
+    # poll that spins asks for the ring line the driver is writing every ~8 ns. In adaptive mode it
+    # also gives an idle spell a floor.
     cpu_relax()
     if ctrl[IDLE_ROUNDS] == 0:
         return idle  # --poll: never sleeps
