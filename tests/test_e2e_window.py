@@ -78,8 +78,8 @@ def test_vring_args_reach_vring_net_last(e2e):
     e2e's (the last of a repeated option wins) and an A/B of one option needs no code change."""
     from vring.cli import build_parser
 
-    def runner(extra):
-        return e2e.Runner(argparse.Namespace(be_cpu=1, fe_cpu=0, vring_args=extra), "/tmp")
+    def runner(extra, mode="poll"):
+        return e2e.Runner(argparse.Namespace(be_cpu=1, fe_cpu=0, vring_args=extra, vring_mode=mode), "/tmp")
 
     base = runner("").vring_argv("loop", 32, 64, "/tmp/x.sock", "packed")
     argv = runner("--hold-us 0 --burst 8").vring_argv("loop", 32, 64, "/tmp/x.sock", "packed")
@@ -88,6 +88,15 @@ def test_vring_args_reach_vring_net_last(e2e):
     args = build_parser().parse_args(net)
     assert (args.mode, args.burst, args.hold_us, args.poll) == ("loopback", 8, 0.0, True)
     assert build_parser().parse_args(base[base.index("-m") + 2:]).hold_us is None
+    # --vring-mode adaptive: vring's own default, neither --poll nor --interrupt
+    adaptive = runner("", "adaptive").vring_argv("loop", 32, 64, "/tmp/x.sock", "packed")
+    args = build_parser().parse_args(adaptive[adaptive.index("-m") + 2:])
+    assert (args.poll, args.interrupt, args.mode) == (False, False, "loopback")
+
+
+def test_vring_mode_is_an_e2e_option(e2e):
+    assert e2e.parser().parse_args([]).vring_mode == "poll"
+    assert e2e.parser().parse_args(["--vring-mode", "adaptive"]).vring_mode == "adaptive"
 
 
 def test_fe_bursts_asks_the_testpmd_front_end_for_its_burst_counts(e2e):
