@@ -153,7 +153,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queues", type=int, default=1, help="queue pairs per port (default 1)")
     parser.add_argument("--burst", type=int, default=32, help="frames per ring per round (default 32)")
     how = parser.add_mutually_exclusive_group()
-    how.add_argument("--poll", action="store_true", help="busy-poll forever (lowest latency, one core at 100%%)")
+    how.add_argument("--poll", action="store_true",
+                     help="busy-poll forever, one PAUSE per empty round (lowest latency, one core at 100%%)")
     how.add_argument("--interrupt", action="store_true",
                      help="sleep on the kick eventfds as soon as a round finds nothing (for mostly idle guests)")
     parser.add_argument("--idle-rounds", type=int, default=20000,
