@@ -65,7 +65,7 @@ VRING_MODE = {"tx": "sink", "rx": "source", "loop": "loopback", "xconnect": "xco
 DPDK_MODE = {"tx": "rxonly", "rx": "txonly", "loop": "io", "xconnect": "io"}
 FE_TESTPMD_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen", "xconnect": "flowgen"}
 FE_VRING_MODE = {"tx": "txonly", "rx": "rxonly", "loop": "flowgen", "xconnect": "flowgen"}
-# Ring variants (testpmd frontend only): extra virtio_user devargs, queue pairs per port.
+# Ring variants: extra virtio_user devargs (testpmd front-end), queue pairs per port.
 VARIANTS = {"split": ("", 1), "packed": (",packed_vq=1", 1), "2q": ("", 2)}
 
 
@@ -378,7 +378,8 @@ class Runner:
             argv = ["taskset", "-c", str(self.fe_cpu), sys.executable, "-m", "vring", "frontend",
                     *[a for s in socks(sock, direction) for a in ("--socket", s)],
                     "--mode", FE_VRING_MODE[direction], "--burst", str(burst), "--frame-size", str(size),
-                    "--seconds", str(secs), "--wait", "60", "--rate", str(self.a.rate)]
+                    "--seconds", str(secs), "--wait", "60", "--rate", str(self.a.rate),
+                    "--queues", str(VARIANTS[variant][1]), *(["--packed"] if variant == "packed" else [])]
             return Proc("fe_vring", argv, d, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         return Proc("fe_testpmd", self.testpmd_fe_argv(direction, burst, size, sock, tag, variant), d)
 
@@ -675,8 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args, work)
     try:
         matrix = [(fe, v, d, size, burst) for fe in frontends for v in variants for d in dirs
-                  for size in _ints(args.sizes) for burst in _ints(args.bursts)
-                  if fe == "testpmd" or v == "split"]  # the in-tree generator drives split rings, one pair
+                  for size in _ints(args.sizes) for burst in _ints(args.bursts)]
         for fe, variant, direction, size, burst in matrix:
             for rep in range(args.reps):
                 for be in [b for b in ("vring", "dpdk") if b in args.backends.split(",")]:  # alternate

@@ -190,7 +190,7 @@ def cmd_frontend(args: argparse.Namespace) -> int:
     from vring.generator import run
 
     fes = [Frontend(path, queue_pairs=args.queues, queue_size=args.queue_size,
-                    buf_size=max(2048, args.frame_size + 64)) for path in args.socket]
+                    buf_size=max(2048, args.frame_size + 64), packed=args.packed) for path in args.socket]
     try:
         for fe in fes:
             fe.connect(timeout=args.wait)
@@ -201,7 +201,7 @@ def cmd_frontend(args: argparse.Namespace) -> int:
         for fe in fes:
             fe.close()
     print(json.dumps({"mode": args.mode, "burst": args.burst, "frame_size": args.frame_size, "rate": args.rate,
-                      **res}), flush=True)
+                      "packed": args.packed, **res}), flush=True)
     return 0
 
 
@@ -295,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "takes frames); compares back-ends at the same load")
     g.add_argument("--queues", type=int, default=1, help="queue pairs")
     g.add_argument("--queue-size", type=int, default=256)
+    g.add_argument("--packed", action="store_true", help="packed rings (VIRTIO_F_RING_PACKED; default split)")
     g.add_argument("--seconds", type=float, default=5.0)
     g.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the socket")
     g.add_argument("--quiet", action="store_true", help="only the final JSON line")

@@ -1,4 +1,4 @@
-"""A vhost-user front-end (driver side) in Python: memfd guest memory, split rings, buffers.
+"""A vhost-user front-end (driver side) in Python: memfd guest memory, split or packed rings, buffers.
 
 Used by the unit tests, ``vring demo``, the benchmarks and the notebooks. It plays the part
 QEMU or DPDK's virtio-user play for real guests: it owns guest memory and the rings' layout,
@@ -21,6 +21,12 @@ from vring.layout import (
     DESC,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    PACKED_DESC,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
     USED_F_NO_NOTIFY,
     avail_bytes,
     avail_dtype,
@@ -126,9 +132,124 @@ class DriverRing:
     def set_interrupts(self, on: bool) -> None:
         self.avail["flags"] = 0 if on else AVAIL_F_NO_INTERRUPT
 
+    def base(self) -> int:
+        """SET_VRING_BASE's value: where a back-end that can't tell us (it died) stopped, the used
+        index (as QEMU does)."""
+        return int(self.used["idx"])
+
+    def addresses(self, uaddr: int) -> dict[str, int]:
+        """SET_VRING_ADDR's desc / avail / used addresses."""
+        return {"desc": uaddr + self.desc_off, "avail": uaddr + self.avail_off, "used": uaddr + self.used_off}
+
     def close(self) -> None:
         for fd in (self.kick_fd, self.call_fd):
             os.close(fd)
+
+
+class PackedDriverRing(DriverRing):
+    """The driver side of one packed ring (VIRTIO_F_RING_PACKED): descriptors are posted and
+    used in ring order, each carrying the buffer id d that owns buffer slot d.
+
+    ``avail_off`` and ``used_off`` are the driver's and the device's event suppression areas (what
+    SET_VRING_ADDR's avail and used addresses point to for a packed ring), each on its own line."""
+
+    def __init__(self, fe: Frontend, index: int, size: int, offset: int, buf_offset: int, buf_size: int):
+        self.fe = fe
+        self.index = index
+        self.size = size
+        self.buf_size = buf_size
+        self.desc_off = offset
+        self.avail_off = _align(offset + 16 * size, 64)  # driver event suppression
+        self.used_off = self.avail_off + 64  # device event suppression
+        self.end = self.used_off + 4
+        self.buf_off = buf_offset
+        m = fe.mem
+        self.desc = np.frombuffer(m, PACKED_DESC, size, self.desc_off)
+        self.driver_event = np.frombuffer(m, "<u2", 2, self.avail_off)  # off_wrap, flags
+        self.device_event = np.frombuffer(m, "<u2", 2, self.used_off)
+        self.free = list(range(size))
+        self.avail_idx, self.avail_wrap = 0, 1  # next position to post, and its wrap counter
+        self.used_idx, self.used_wrap = 0, 1  # next position to collect
+        self.pending: list[tuple[int, int]] = []  # (position, flags) posted, not yet published
+        self.ndescs: dict[int, int] = {}  # buffer id -> descriptors of its chain
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.event_idx = False
+        self.kicks = 0
+        self.posted = 0  # descriptors published, ever (for the event-index kick decision)
+
+    def _avail_flags(self, w: int) -> int:
+        return (PACKED_DESC_F_AVAIL if w else 0) | (0 if w else PACKED_DESC_F_USED)
+
+    def add_chain(self, segs: list[tuple[int, int, bool]]) -> int:
+        """Put a chain of (gpa, len, device_writable) descriptors in the ring (unpublished); the
+        chain takes one buffer id, and as many ring positions as it has descriptors."""
+        if not self.free or len(segs) > self.size - sum(self.ndescs.values()):
+            raise RuntimeError("ring full")
+        bid = self.free.pop()
+        self.ndescs[bid] = len(segs)
+        for i, (gpa, ln, w) in enumerate(segs):
+            last = i == len(segs) - 1
+            p = self.avail_idx
+            self.desc[p]["addr"], self.desc[p]["len"], self.desc[p]["id"] = gpa, ln, bid
+            self.pending.append((p, self._avail_flags(self.avail_wrap) | (DESC_F_WRITE if w else 0)
+                                 | (0 if last else DESC_F_NEXT)))
+            self.avail_idx += 1
+            if self.avail_idx == self.size:
+                self.avail_idx, self.avail_wrap = 0, self.avail_wrap ^ 1
+        return bid
+
+    def publish(self) -> None:
+        if not self.pending:
+            return
+        # the first descriptor's flags last: the device sees the batch whole or not at all
+        for p, f in self.pending[1:] + self.pending[:1]:
+            self.desc[p]["flags"] = f
+        n = len(self.pending)
+        self.pending = []
+        self.posted += n
+        if self._need_kick(n):
+            os.eventfd_write(self.kick_fd, 1)
+            self.kicks += 1
+
+    def _need_kick(self, n: int) -> bool:
+        off_wrap, flags = int(self.device_event[0]), int(self.device_event[1])
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
+            return True
+        # the device asked for a kick once position (off_wrap & 0x7FFF, wrap off_wrap >> 15) is posted
+        new = self.avail_idx if self.avail_wrap else self.avail_idx - self.size  # this lap's positions
+        ev = off_wrap & 0x7FFF
+        if (off_wrap >> 15) != self.avail_wrap:
+            ev -= self.size
+        old = new - n
+        return old <= ev < new
+
+    def take_used(self) -> list[tuple[int, int]]:
+        """New used elements (id, len); their buffer ids go back to the free list."""
+        out = []
+        for _ in range(self.size):
+            f = int(self.desc[self.used_idx]["flags"])
+            w = self.used_wrap
+            if bool(f & PACKED_DESC_F_AVAIL) != bool(w) or bool(f & PACKED_DESC_F_USED) != bool(w):
+                break
+            bid, ln = int(self.desc[self.used_idx]["id"]), int(self.desc[self.used_idx]["len"])
+            if bid not in self.ndescs:
+                raise RuntimeError(f"the back-end used buffer id {bid}, which is not in flight")
+            out.append((bid, ln))
+            self.used_idx += self.ndescs.pop(bid)
+            if self.used_idx >= self.size:
+                self.used_idx, self.used_wrap = self.used_idx - self.size, self.used_wrap ^ 1
+            self.free.append(bid)
+        return out
+
+    def set_interrupts(self, on: bool) -> None:
+        self.driver_event[1] = RING_EVENT_FLAGS_ENABLE if on else RING_EVENT_FLAGS_DISABLE
+
+    def base(self) -> int:
+        """The used position and its wrap counter (bit 15): a packed back-end resumes there."""
+        return self.used_idx | (self.used_wrap << 15)
 
 
 class Frontend:
@@ -139,8 +260,9 @@ class Frontend:
 
     def __init__(self, path: str, queue_pairs: int = 1, queue_size: int = 256, buf_size: int = 2048,
                  mem_size: int = 0, features: int | None = None, protocol_features: int | None = None,
-                 nvrings: int | None = None, inflight: bool = False):
+                 nvrings: int | None = None, inflight: bool = False, packed: bool = False):
         self.path = path
+        self.packed = packed
         self.nvrings = nvrings if nvrings is not None else 2 * queue_pairs
         self.queue_size = queue_size
         self.buf_size = buf_size
@@ -151,6 +273,8 @@ class Frontend:
         self.want_protocol = int(protocol_features if protocol_features is not None else self.DEFAULT_PROTOCOL)
         if inflight:
             self.want_protocol |= PF.INFLIGHT_SHMFD
+        if packed:
+            self.want_features |= F.RING_PACKED
         # the back-end's inflight area (GET_INFLIGHT_FD), kept across reconnects as QEMU does for blk
         self.inflight_fd = -1
         self.inflight_desc: np.ndarray | None = None
@@ -163,8 +287,9 @@ class Frontend:
         self.rings: list[DriverRing] = []
         off = 0
         buf_off = ring_area
+        ring_class = PackedDriverRing if packed else DriverRing
         for i in range(self.nvrings):
-            r = DriverRing(self, i, queue_size, off, buf_off, buf_size)
+            r = ring_class(self, i, queue_size, off, buf_off, buf_size)
             self.rings.append(r)
             off = _align(r.end, 4096)
             buf_off += queue_size * buf_size
@@ -263,6 +388,8 @@ class Frontend:
         self.send(Req.SET_OWNER)
         offered = self.u64(Req.GET_FEATURES)
         self.features = offered & self.want_features
+        if self.packed and not self.features & F.RING_PACKED:
+            raise RuntimeError("the back-end does not offer VIRTIO_F_RING_PACKED")
         if self.features & F.PROTOCOL_FEATURES:
             pf = self.u64(Req.GET_PROTOCOL_FEATURES) & self.want_protocol
             self.send(Req.SET_PROTOCOL_FEATURES, P.u64(pf))
@@ -278,11 +405,8 @@ class Frontend:
         for r in self.rings:
             r.event_idx = bool(self.features & F.RING_EVENT_IDX)
             self._set(Req.SET_VRING_NUM, P.record(P.VRING_STATE, index=r.index, num=r.size))
-            # where a back-end that can't tell us (it died) stopped: the used index (as QEMU does)
-            self._set(Req.SET_VRING_BASE, P.record(P.VRING_STATE, index=r.index, num=int(r.used["idx"])))
-            self._set(Req.SET_VRING_ADDR, P.record(
-                P.VRING_ADDR, index=r.index, desc=self.uaddr + r.desc_off, used=self.uaddr + r.used_off,
-                avail=self.uaddr + r.avail_off))
+            self._set(Req.SET_VRING_BASE, P.record(P.VRING_STATE, index=r.index, num=r.base()))
+            self._set(Req.SET_VRING_ADDR, P.record(P.VRING_ADDR, index=r.index, **r.addresses(self.uaddr)))
             self._set(Req.SET_VRING_CALL, P.u64(r.index), (r.call_fd,))
             self._set(Req.SET_VRING_KICK, P.u64(r.index), (r.kick_fd,))
         if self.features & F.PROTOCOL_FEATURES:

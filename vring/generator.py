@@ -5,8 +5,10 @@ numba loop that posts TX frames and RX buffers and reclaims used entries, so the
 own cost per packet stays far below a back-end's and the back-end is the bottleneck. It works
 against any vhost-user net back-end (vring net, DPDK's net_vhost).
 
-Descriptor d always owns buffer slot d; TX buffers hold the frame (behind a zero
-virtio_net_hdr) from the start, so a TX post is ring bookkeeping only, as in testpmd txonly.
+Descriptor d (split) or buffer id d (packed) always owns buffer slot d; TX buffers hold the frame
+(behind a zero virtio_net_hdr) from the start, so a TX post is ring bookkeeping only, as in testpmd
+txonly. Packed rings are posted and collected in ring order, one descriptor per buffer, without
+IN_ORDER (the front-end does not offer it), so every buffer comes back in a used element of its own.
 
 With a rate, each TX ring gets a burst every ``period`` cycles (no more than the back-end takes):
 two back-ends can then be compared at the same offered load, where their empty-poll shares
@@ -20,9 +22,16 @@ import time
 import numpy as np
 from numba import njit
 
-from vring.frontend import NET_HDR, Frontend
+from vring.frontend import NET_HDR, Frontend, PackedDriverRing
 from vring.jit import kernel
-from vring.layout import DESC_F_WRITE, USED_F_NO_NOTIFY
+from vring.layout import (
+    DESC_F_WRITE,
+    PACKED_DESC_F_AVAIL,
+    PACKED_DESC_F_USED,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    USED_F_NO_NOTIFY,
+)
 from vring.ordering import (
     cycles,
     fence_seq_cst,
@@ -33,21 +42,70 @@ from vring.ordering import (
     store_u16,
     store_u16_release,
     store_u32,
+    store_u64,
     sys_write,
 )
 
-# ring table columns
+# ring table columns (packed: R_AVAIL / R_USED are the driver / device event areas, R_AVAIL_IDX /
+# R_LAST_USED ring positions, with their wrap counters in R_AVAIL_WRAP / R_USED_WRAP)
 (R_SIZE, R_DESC, R_AVAIL, R_USED, R_AVAIL_IDX, R_LAST_USED, R_NFREE, R_KICK_FD, R_EVENT_IDX, R_BUF_HVA,
- R_BUF_SIZE, R_TX, R_LEN, R_PENDING, R_NEXT) = range(15)
-N_COLS = 15
+ R_BUF_SIZE, R_TX, R_LEN, R_PENDING, R_NEXT, R_PACKED, R_AVAIL_WRAP, R_USED_WRAP, R_BUF_GPA) = range(19)
+N_COLS = 19
 # stats columns per ring
 S_PACKETS, S_BYTES, S_KICKS, S_FULL = range(4)
 MODES = ("txonly", "rxonly", "flowgen")
 
 
 @kernel
+def _count_used(rings, free, stats, r, d, ln):
+    """Buffer d came back used with ``ln`` bytes: free it and count it."""
+    free[r, rings[r, R_NFREE]] = d
+    rings[r, R_NFREE] += 1
+    if rings[r, R_TX] == 0:
+        # RX: count frames, not buffers (a mergeable frame spans num_buffers buffers)
+        if rings[r, R_PENDING] == 0:
+            nb = np.int64(load_u16(np.uint64(rings[r, R_BUF_HVA] + d * rings[r, R_BUF_SIZE] + 10)))
+            rings[r, R_PENDING] = max(nb, 1)
+            stats[r, S_PACKETS] += 1
+        rings[r, R_PENDING] -= 1
+        stats[r, S_BYTES] += ln
+    else:
+        stats[r, S_PACKETS] += 1
+        stats[r, S_BYTES] += rings[r, R_LEN] - NET_HDR
+
+
+@kernel
+def _reclaim_packed(rings, free, stats, r):
+    """Collect the used descriptors of packed ring r, in ring order; returns how many, or -1 if the
+    back-end gave back a buffer id that is not in flight (or more than were posted)."""
+    desc = np.uint64(rings[r, R_DESC])
+    size = rings[r, R_SIZE]
+    n = 0
+    while rings[r, R_NFREE] < size:  # something is in flight
+        p = rings[r, R_LAST_USED]
+        e = desc + np.uint64(16 * p)
+        f = np.int64(load_u16_acquire(e + np.uint64(14)))
+        w = rings[r, R_USED_WRAP]
+        if ((f & PACKED_DESC_F_AVAIL) != 0) != (w != 0) or ((f & PACKED_DESC_F_USED) != 0) != (w != 0):
+            break
+        d = np.int64(load_u16(e + np.uint64(12)))
+        if d >= size:
+            return -1
+        _count_used(rings, free, stats, r, d, np.int64(load_u32(e + np.uint64(8))))
+        n += 1
+        p += 1
+        if p == size:
+            p = 0
+            rings[r, R_USED_WRAP] ^= 1
+        rings[r, R_LAST_USED] = p
+    return n
+
+
+@kernel
 def _reclaim(rings, free, stats, r):
     """Collect used entries of ring r; returns entries reclaimed."""
+    if rings[r, R_PACKED]:
+        return _reclaim_packed(rings, free, stats, r)
     used = np.uint64(rings[r, R_USED])
     size = rings[r, R_SIZE]
     idx = np.int64(load_u16_acquire(used + np.uint64(2)))
@@ -61,20 +119,62 @@ def _reclaim(rings, free, stats, r):
         ln = np.int64(load_u32(e + np.uint64(4)))
         if d >= size:
             return -1
-        free[r, rings[r, R_NFREE]] = d
-        rings[r, R_NFREE] += 1
-        if rings[r, R_TX] == 0:
-            # RX: count frames, not buffers (a mergeable frame spans num_buffers buffers)
-            if rings[r, R_PENDING] == 0:
-                nb = np.int64(load_u16(np.uint64(rings[r, R_BUF_HVA] + d * rings[r, R_BUF_SIZE] + 10)))
-                rings[r, R_PENDING] = max(nb, 1)
-                stats[r, S_PACKETS] += 1
-            rings[r, R_PENDING] -= 1
-            stats[r, S_BYTES] += ln
-        else:
-            stats[r, S_PACKETS] += 1
-            stats[r, S_BYTES] += rings[r, R_LEN] - NET_HDR
+        _count_used(rings, free, stats, r, d, ln)
     rings[r, R_LAST_USED] = (rings[r, R_LAST_USED] + n) & 0xFFFF
+    return n
+
+
+@kernel
+def _kick(rings, stats, r, one):
+    if rings[r, R_KICK_FD] >= 0:
+        sys_write(np.int32(rings[r, R_KICK_FD]), np.uint64(one.ctypes.data), np.uint64(8))
+        stats[r, S_KICKS] += 1
+
+
+@kernel
+def _post_packed(rings, free, stats, r, n, one):
+    """Post n buffers on packed ring r (its first descriptor's flags last) and kick if the
+    back-end wants it."""
+    size = rings[r, R_SIZE]
+    desc = np.uint64(rings[r, R_DESC])
+    write = 0 if rings[r, R_TX] else DESC_F_WRITE
+    head = np.uint64(0)
+    head_flags = np.uint16(0)
+    for i in range(n):
+        rings[r, R_NFREE] -= 1
+        d = free[r, rings[r, R_NFREE]]
+        p = rings[r, R_AVAIL_IDX]
+        w = rings[r, R_AVAIL_WRAP]
+        e = desc + np.uint64(16 * p)
+        store_u64(e, np.uint64(rings[r, R_BUF_GPA] + d * rings[r, R_BUF_SIZE]))
+        store_u32(e + np.uint64(8), np.uint32(rings[r, R_LEN]))
+        store_u16(e + np.uint64(12), np.uint16(d))
+        f = np.uint16(write | (PACKED_DESC_F_AVAIL if w else PACKED_DESC_F_USED))
+        if i == 0:
+            head, head_flags = e, f
+        else:
+            store_u16_release(e + np.uint64(14), f)
+        p += 1
+        if p == size:
+            p = 0
+            rings[r, R_AVAIL_WRAP] ^= 1
+        rings[r, R_AVAIL_IDX] = p
+    store_u16_release(head + np.uint64(14), head_flags)
+    fence_seq_cst()  # our descriptors before the back-end's suppression fields
+    ev = np.uint64(rings[r, R_USED])
+    flags = load_u16_acquire(ev + np.uint64(2))
+    if flags == RING_EVENT_FLAGS_DISABLE:
+        return n
+    if flags == RING_EVENT_FLAGS_DESC and rings[r, R_EVENT_IDX]:
+        # a kick once the position in off_wrap has been posted: was it in this batch?
+        off_wrap = np.int64(load_u16(ev))
+        new = rings[r, R_AVAIL_IDX] if rings[r, R_AVAIL_WRAP] else rings[r, R_AVAIL_IDX] - size
+        e_pos = off_wrap & 0x7FFF
+        if (off_wrap >> 15) != rings[r, R_AVAIL_WRAP]:
+            e_pos -= size
+        if not (new - n <= e_pos < new):
+            return n
+    _kick(rings, stats, r, one)
     return n
 
 
@@ -86,6 +186,8 @@ def _post(rings, free, stats, r, burst, one):
     if n == 0:
         stats[r, S_FULL] += 1
         return 0
+    if rings[r, R_PACKED]:
+        return _post_packed(rings, free, stats, r, n, one)
     desc = np.uint64(rings[r, R_DESC])
     avail = np.uint64(rings[r, R_AVAIL])
     old = rings[r, R_AVAIL_IDX]
@@ -107,9 +209,8 @@ def _post(rings, free, stats, r, burst, one):
         kick = ((new - ev - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
     else:
         kick = (load_u16_acquire(used) & USED_F_NO_NOTIFY) == 0
-    if kick and rings[r, R_KICK_FD] >= 0:
-        sys_write(np.int32(rings[r, R_KICK_FD]), np.uint64(one.ctypes.data), np.uint64(8))
-        stats[r, S_KICKS] += 1
+    if kick:
+        _kick(rings, stats, r, one)
     return n
 
 
@@ -168,7 +269,13 @@ class Generator:
             t = self.rings[i]
             t[R_SIZE], t[R_DESC] = ring.size, fe.uaddr + ring.desc_off
             t[R_AVAIL], t[R_USED] = fe.uaddr + ring.avail_off, fe.uaddr + ring.used_off
-            t[R_AVAIL_IDX], t[R_LAST_USED] = ring.avail_idx, ring.last_used
+            t[R_PACKED] = int(isinstance(ring, PackedDriverRing))
+            if t[R_PACKED]:
+                t[R_AVAIL_IDX], t[R_LAST_USED] = ring.avail_idx, ring.used_idx
+                t[R_AVAIL_WRAP], t[R_USED_WRAP] = ring.avail_wrap, ring.used_wrap
+            else:
+                t[R_AVAIL_IDX], t[R_LAST_USED] = ring.avail_idx, ring.last_used
+            t[R_BUF_GPA] = ring.buf_gpa(0)
             t[R_KICK_FD], t[R_EVENT_IDX] = ring.kick_fd, ring.event_idx
             t[R_BUF_HVA], t[R_BUF_SIZE], t[R_TX] = base, ring.buf_size, int(tx)
             t[R_LEN] = NET_HDR + frame_size if tx else ring.buf_size
@@ -176,7 +283,8 @@ class Generator:
             t[R_NFREE] = len(ring.free)
             self.free[i, : len(ring.free)] = ring.free
             for d in range(ring.size):
-                ring.desc[d] = (ring.buf_gpa(d), t[R_LEN], 0 if tx else DESC_F_WRITE, 0)
+                if not t[R_PACKED]:  # (a packed post writes its descriptor whole)
+                    ring.desc[d] = (ring.buf_gpa(d), t[R_LEN], 0 if tx else DESC_F_WRITE, 0)
                 if tx:
                     ring.buf(d)[:NET_HDR] = 0
                     ring.buf(d)[NET_HDR : NET_HDR + frame_size] = body
