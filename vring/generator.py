@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 
 from vring.frontend import NET_HDR, Frontend, PackedDriverRing
-from vring.jit import kernel
+from vring.jit import inline_kernel, kernel
 from vring.layout import (
     DESC_F_WRITE,
     PACKED_DESC_F_AVAIL,
@@ -56,7 +56,7 @@ S_PACKETS, S_BYTES, S_KICKS, S_FULL = range(4)
 MODES = ("txonly", "rxonly", "flowgen")
 
 
-@kernel
+@inline_kernel
 def _count_used(rings, free, stats, r, d, ln):
     """Buffer d came back used with ``ln`` bytes: free it and count it."""
     free[r, rings[r, R_NFREE]] = d
