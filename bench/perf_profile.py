@@ -30,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import TESTPMD, Runner, StartFailed, log, testpmd_samples  # noqa: E402
+from e2e import TESTPMD, Runner, StartFailed, log, testpmd_samples, vring_fe_samples  # noqa: E402
 from e2e import parser as e2e_parser  # noqa: E402
 
 # how a sampled JIT instruction is labelled: the first pattern its text matches (objdump AT&T syntax)
@@ -161,13 +161,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fe-cpu", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile"))
     ap.add_argument("--vring-args", default="", metavar="ARGS", help="more options for vring net, as e2e's")
+    ap.add_argument("--frontend", default="testpmd", choices=["testpmd", "vring"],
+                    help="vring: the in-tree jitted generator (vring frontend), as e2e's --frontends vring")
+    ap.add_argument("--rate", type=float, default=0.0, metavar="MPPS",
+                    help="with --frontend vring: offered load per TX queue, as e2e's --rate (0: unpaced)")
     return ap
 
 
 def runner_args(args: argparse.Namespace) -> argparse.Namespace:
     """What e2e's Runner reads: e2e's defaults, then our options, and no warm-up (perf records a
     window of its own), so an option e2e adds needs nothing here."""
-    return argparse.Namespace(**{**vars(e2e_parser().parse_args([])), **vars(args), "warmup": 0.0})
+    # (the in-tree generator runs for e2e's seconds: long enough for our 2 s of traffic, the record, and a margin)
+    return argparse.Namespace(**{**vars(e2e_parser().parse_args([])), **vars(args), "warmup": 0.0,
+                                 "seconds": args.seconds + 4})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,17 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="vring-prof-")
     res: dict = {"backend": args.backend, "variant": args.variant, "dir": args.dir, "burst": args.burst,
                  "size": args.size, "seconds": args.seconds, "freq": args.freq, "be_cpu": args.be_cpu,
-                 "fe_cpu": args.fe_cpu, "vring_args": args.vring_args}
+                 "fe_cpu": args.fe_cpu, "vring_args": args.vring_args, "frontend": args.frontend, "rate": args.rate}
     try:
         runner = Runner(runner_args(args), work)
-        with runner.started("testpmd", args.backend, args.dir, args.burst, args.size, args.variant) as st:
+        with runner.started(args.frontend, args.backend, args.dir, args.burst, args.size, args.variant) as st:
             time.sleep(2)
             data = os.path.join(work, "perf.data")
-            key = st.testpmd_column
-            n0 = len(testpmd_samples(st.fep.text(), key, st.nports))
+
+            def fe_rates() -> list[float]:
+                if args.frontend == "vring":
+                    return vring_fe_samples(st.fep.text(), st.key)
+                return testpmd_samples(st.fep.text(), st.testpmd_column, st.nports)
+
+            n0 = len(fe_rates())
             subprocess.run(["perf", "record", "-q", "-C", f"{args.be_cpu},{args.fe_cpu}", "-F", str(args.freq),
                             "-o", data, "--", "sleep", str(args.seconds)], check=True, capture_output=True)
-            rates = testpmd_samples(st.fep.text(), key, st.nports)[n0:]
+            rates = fe_rates()[n0:]
             res["mpps"] = round(sum(rates) / len(rates), 3) if rates else None
             blobs = dump_jit(st.bep.pid, work) if args.backend == "vring" else []
             res.update(summarize(data, [args.be_cpu, args.fe_cpu], blobs))
@@ -199,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"profile_{args.backend}_{args.variant}_{args.dir}_b{args.burst}.json")
+    fe = "" if args.frontend == "testpmd" else f"_{args.frontend}fe" + (f"_rate{args.rate:g}" if args.rate else "")
+    path = os.path.join(args.out, f"profile_{args.backend}_{args.variant}_{args.dir}_b{args.burst}{fe}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
-    print(f"{args.backend} {args.variant} {args.dir} burst {args.burst}: {res.get('mpps')} Mpps during the record")
+    print(f"{args.frontend} fe, {args.backend} {args.variant} {args.dir} burst {args.burst}: {res.get('mpps')} Mpps "
+          "during the record")
     for cpu, top in res["cpus"].items():
         print(f"cpu {cpu}:")
         for t in top[:10]:

@@ -63,6 +63,7 @@ from vring.layout import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
+    SHADOW,
 )
 from vring.split import (
     BROKEN_ADDRESS,
@@ -168,6 +169,7 @@ class Model:
         self.u = (ui, uw)
         self.u_count = 0
         self.head = None  # (offset in R2, flags) of the batch's first used element
+        self.shadow = []  # used elements not yet written: (position, id, len, flags)
         self.mem = {id(r): r.array.copy() for r in SMALL}
         self.big = (BIG.array[:BIG_WRITABLE].copy(), BIG.array[-BIG_WRITABLE:].copy())
 
@@ -178,6 +180,7 @@ class Model:
 
     def begin(self):
         self.t, self.u, self.u_count, self.head = (self.la, self.aw), (self.ui, self.uw), 0, None
+        self.shadow = []
         return ref_begin(self.size, self.la, self.aw)
 
     def pop(self, writable, room):
@@ -187,19 +190,28 @@ class Model:
         return r
 
     def put_used(self, bid, length, ndesc):
+        """Kept back (the kernel's shadow) until publish, or until SHADOW elements wait."""
         idx, wrap = self.u
-        self.store(16 * idx + 8, "<I", length)  # len and id first
-        self.store(16 * idx + 12, "<H", bid)
+        if len(self.shadow) == SHADOW:
+            self.flush()
+        self.shadow.append((idx, bid, length, used_bits(wrap, length)))
         if self.u_count == 0:
             self.head = (16 * idx + 14, used_bits(wrap, length))  # the batch's first flags go last
-        else:
-            self.store(16 * idx + 14, "<H", used_bits(wrap, length))
         self.u_count += 1
         idx += ndesc
         self.u = (idx - self.size, wrap ^ 1) if idx >= self.size else (idx, wrap)
 
+    def flush(self):
+        for idx, bid, length, flags in self.shadow:
+            self.store(16 * idx + 8, "<I", length)  # len and id first
+            self.store(16 * idx + 12, "<H", bid)
+            if 16 * idx + 14 != self.head[0]:
+                self.store(16 * idx + 14, "<H", flags)
+        self.shadow = []
+
     def publish(self):
         if self.u_count:
+            self.flush()
             self.store(self.head[0], "<H", self.head[1])
             self.ui, self.uw = self.u
         self.la, self.aw = self.t
@@ -278,7 +290,7 @@ def run_batches(size, state, batches, writable, cap=MAX_SEGS, n0=0):
             P.put_used(qs, 0, r[2], lengths[j % len(lengths)], r[3])
             m.put_used(r[2], lengths[j % len(lengths)], r[3])
             m.check_state(qs)
-            m.check_memory()  # the batch's first element is not used-visible before publish
+            m.check_memory()  # nothing written before publish (but a full shadow's elements)
         P.publish(qs, 0)
         m.publish()
         m.check_state(qs, committed_only=True)
@@ -388,9 +400,9 @@ def test_batch_publish_order_and_wrap():
     """Three chains (1, 2 and 1 descriptors) from position 2 of a 4-entry ring in lap 1.
 
     Used elements land at 2, 3 and 1 (the position advances by each chain's descriptor count and
-    wraps to lap 0): ids and lengths at once, later flags at once, the first element's flags only
-    at publish, so the driver never sees part of a batch (as in "Multi-buffer requests"). WRITE
-    marks the elements with data written (len > 0)."""
+    wraps to lap 0), all at publish (the shadow), each one's id and length before its flags and the
+    first element's flags last, so the driver never sees part of a batch (as in "Multi-buffer
+    requests"). WRITE marks the elements with data written (len > 0)."""
     reset_memory()
     main = [(R0.gpa, 3, 30, US), (R0.gpa, 4, 31, US), (R0.gpa, 1, 10, A1), (R0.gpa, 2, 20, A1 | N)]
     gwrite(MAIN_GPA, ppack(main))
@@ -402,12 +414,12 @@ def test_batch_publish_order_and_wrap():
     assert kernel_pop(qs, 0, 8, 0) == EMPTY
     for g, ln in zip(got, (100, 0, 300), strict=True):
         P.put_used(qs, 0, g[2], ln, g[3])
-    descs = [read_desc(MAIN_HVA, i) for i in range(4)]
-    assert [(d[1], d[2]) for d in descs] == [(3, 30), (300, 31), (100, 10), (0, 30)]
-    assert flags() == [US, W, A1, AV | US]  # the head (2) not yet used; 3 is (lap 1), 1 is (lap 0)
+    assert [read_desc(MAIN_HVA, i) for i in range(4)] == main  # nothing written yet
     assert qs[0]["last_avail_idx"] == 2 and qs[0]["used_idx"] == 2  # nothing committed
     P.publish(qs, 0)
-    assert flags() == [US, W, AV | US | W, AV | US]
+    descs = [read_desc(MAIN_HVA, i) for i in range(4)]
+    assert [(d[1], d[2]) for d in descs] == [(3, 30), (300, 31), (100, 10), (0, 30)]
+    assert flags() == [US, W, AV | US | W, AV | US]  # 2 the head, 3 used in lap 1, 1 in lap 0
     q = qs[0]
     assert (q["last_avail_idx"], q["avail_wrap"], q["used_idx"], q["used_wrap"]) == (2, 0, 2, 0)
 
@@ -431,19 +443,31 @@ def test_in_order_folds_zero_length_elements(lengths, written, flags_before):
     got = [kernel_pop(qs, 0, 8, 0) for _ in range(3)]
     for g, ln in zip(got, lengths, strict=True):
         P.put_used(qs, 0, g[2], ln, g[3])
+    assert [read_desc(MAIN_HVA, i) for i in range(4)] == main  # nothing written before publish
+    P.publish(qs, 0)
     descs = [read_desc(MAIN_HVA, i) for i in range(4)]
     expect = [(d[1], d[2]) for d in main]
     for i, v in written.items():
         expect[i] = v
     assert [(d[1], d[2]) for d in descs] == expect
-    assert flags() == flags_before  # nothing visible before publish but elements with data
-    P.publish(qs, 0)
     after = list(flags_before)
     after[2] = AV | US
     assert flags() == after
     q = qs[0]
     assert (q["last_avail_idx"], q["avail_wrap"], q["used_idx"], q["used_wrap"]) == (2, 0, 2, 0)
 
+
+
+def test_batch_longer_than_the_shadow():
+    """A batch of more used elements than the shadow holds writes the first SHADOW when the next
+    one comes (the batch's first flags still last, at publish), as the model does."""
+    size = SHADOW + 20
+    reset_memory()
+    gwrite(MAIN_GPA, ppack([(R0.gpa + i, 1, i, A1) for i in range(size)]))
+    seen = run_batches(size, (0, 1, 0, 1), [(SHADOW + 10, [5])], 0)
+    assert [s[2] for s in seen] == list(range(SHADOW + 10))
+    flags = [read_desc(MAIN_HVA, i)[3] for i in range(size)]
+    assert flags == [AV | US | W] * (SHADOW + 10) + [A1] * 10
 
 @pytest.mark.parametrize(
     ("size", "la", "aw", "navail", "expected"),

@@ -656,6 +656,11 @@ def _read_indirect(desc: np.ndarray, read, dtype: np.dtype = DESC) -> dict[int, 
     return out
 
 
+def _qstate_fields(q: np.void) -> dict:
+    """A queue-state record as a dict: ints, and lists for its array fields (a packed batch's shadow)."""
+    return {k: q[k].tolist() if q.dtype[k].shape else int(q[k]) for k in q.dtype.names}
+
+
 def _device_indexes(q: np.void, memory) -> tuple[int, ...]:
     if "packed" in q.dtype.names and q["packed"]:
         # the ring has no index in memory: the device's positions (and the batch it is building) tell
@@ -696,7 +701,7 @@ def queue(dev, port: int, index: int, retries: int = RETRIES, indirect: bool = T
         cur = (before, int(q["desc"]), int(q["avail"]), int(q["used"]))
         if before == after and (cur[1:] == (int(q2["desc"]), int(q2["avail"]), int(q2["used"]))):
             st = make_state("packed" if packed else "split", size=size, desc_raw=desc_raw, avail_raw=avail_raw,
-                            used_raw=used_raw, port=port, index=index, dev={k: int(q[k]) for k in q.dtype.names},
+                            used_raw=used_raw, port=port, index=index, dev=_qstate_fields(q),
                             counters={n: int(v) for n, v in zip(COUNTER_NAMES, dev.counters[row], strict=True)},
                             regions=_region_rows(dev.regions[port]), time=time.time(), attempts=attempt)
             # the copy must agree with itself too: indexes inside the copied rings equal those read around it
@@ -892,7 +897,7 @@ class Snapshot:
         packed = "packed" in q.dtype.names and bool(q["packed"])
         st = make_state("packed" if packed else "split", size=int(q["size"]), desc_raw=a[f"q{row}_desc"].tobytes(),
                         avail_raw=a[f"q{row}_avail"].tobytes(), used_raw=a[f"q{row}_used"].tobytes(),
-                        port=port, index=index, dev={k: int(q[k]) for k in q.dtype.names},
+                        port=port, index=index, dev=_qstate_fields(q),
                         counters=_counters(a[f"q{row}_counters"]),
                         regions=_region_rows(a["regions"][port]), time=float(self.meta["time"]))
         if f"q{row}_ind_addr" in a:

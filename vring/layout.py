@@ -46,6 +46,8 @@ def used_bytes(size: int) -> int:
 DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
 
 # Per-queue state shared by the control plane and the kernels (field names follow the spec).
+SHADOW = 64  # packed: used elements a batch keeps before writing them to the ring (vring.packed.put_used)
+
 QSTATE = np.dtype(
     [
         ("size", "<u4"),
@@ -81,6 +83,14 @@ QSTATE = np.dtype(
         ("head_addr", "<u8"),
         ("in_order", "<u4"),  # VIRTIO_F_IN_ORDER negotiated (packed: a batch's zero-length elements go as one)
         ("u_merged", "<u4"),  # packed: every pending used element so far is folded into the batch's first
+        # packed: the batch's used elements, kept here and written to the ring together at publish
+        # (or when SHADOW fill up) rather than one by one between the frames' copies
+        ("sh_n", "<u4"),
+        ("sh_head", "<u4"),  # 1: sh_*[0] is the batch's first element (its flags are stored last)
+        ("sh_pos", "<u2", (SHADOW,)),
+        ("sh_id", "<u2", (SHADOW,)),
+        ("sh_flags", "<u2", (SHADOW,)),
+        ("sh_len", "<u4", (SHADOW,)),
         ("call_pending", "<u4"),  # published, the call decision left to flush_calls (vring.ring)
         ("held_since", "<u8"),  # RX (net): cycle count when a TX ring's frames began waiting for room here, 0: none
         # in-flight tracking (vring.inflight): host address of this queue's region, 0 = not tracked
