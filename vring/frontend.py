@@ -52,22 +52,26 @@ class DriverRing:
         self.index = index
         self.size = size
         self.buf_size = buf_size
-        self.desc_off = offset
-        self.avail_off = _align(offset + desc_bytes(size), 64)
-        self.used_off = _align(self.avail_off + avail_bytes(size), 4096)
-        self.end = self.used_off + used_bytes(size)
         self.buf_off = buf_offset
-        m = fe.mem
-        self.desc = np.frombuffer(m, DESC, size, self.desc_off)
-        self.avail = np.frombuffer(m, avail_dtype(size), 1, self.avail_off)[0]
-        self.used = np.frombuffer(m, used_dtype(size), 1, self.used_off)[0]
         self.free = list(range(size))
-        self.avail_idx = 0
-        self.last_used = 0
+        self._lay_out(offset)
         self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.event_idx = False
         self.kicks = 0
+
+    def _lay_out(self, offset: int) -> None:
+        """The ring's parts from ``offset`` on in the front-end's memory, and its driver-side state."""
+        size, m = self.size, self.fe.mem
+        self.desc_off = offset
+        self.avail_off = _align(offset + desc_bytes(size), 64)
+        self.used_off = _align(self.avail_off + avail_bytes(size), 4096)
+        self.end = self.used_off + used_bytes(size)
+        self.desc = np.frombuffer(m, DESC, size, self.desc_off)
+        self.avail = np.frombuffer(m, avail_dtype(size), 1, self.avail_off)[0]
+        self.used = np.frombuffer(m, used_dtype(size), 1, self.used_off)[0]
+        self.avail_idx = 0
+        self.last_used = 0
 
     def buf_gpa(self, d: int) -> int:
         return self.fe.gpa(self.buf_off + d * self.buf_size)
@@ -153,30 +157,19 @@ class PackedDriverRing(DriverRing):
     ``avail_off`` and ``used_off`` are the driver's and the device's event suppression areas (what
     SET_VRING_ADDR's avail and used addresses point to for a packed ring), each on its own line."""
 
-    def __init__(self, fe: Frontend, index: int, size: int, offset: int, buf_offset: int, buf_size: int):
-        self.fe = fe
-        self.index = index
-        self.size = size
-        self.buf_size = buf_size
+    def _lay_out(self, offset: int) -> None:
+        size, m = self.size, self.fe.mem
         self.desc_off = offset
         self.avail_off = _align(offset + 16 * size, 64)  # driver event suppression
         self.used_off = self.avail_off + 64  # device event suppression
         self.end = self.used_off + 4
-        self.buf_off = buf_offset
-        m = fe.mem
         self.desc = np.frombuffer(m, PACKED_DESC, size, self.desc_off)
         self.driver_event = np.frombuffer(m, "<u2", 2, self.avail_off)  # off_wrap, flags
         self.device_event = np.frombuffer(m, "<u2", 2, self.used_off)
-        self.free = list(range(size))
         self.avail_idx, self.avail_wrap = 0, 1  # next position to post, and its wrap counter
         self.used_idx, self.used_wrap = 0, 1  # next position to collect
         self.pending: list[tuple[int, int]] = []  # (position, flags) posted, not yet published
         self.ndescs: dict[int, int] = {}  # buffer id -> descriptors of its chain
-        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.event_idx = False
-        self.kicks = 0
-        self.posted = 0  # descriptors published, ever (for the event-index kick decision)
 
     def _avail_flags(self, w: int) -> int:
         return (PACKED_DESC_F_AVAIL if w else 0) | (0 if w else PACKED_DESC_F_USED)
@@ -207,7 +200,6 @@ class PackedDriverRing(DriverRing):
             self.desc[p]["flags"] = f
         n = len(self.pending)
         self.pending = []
-        self.posted += n
         if self._need_kick(n):
             os.eventfd_write(self.kick_fd, 1)
             self.kicks += 1
