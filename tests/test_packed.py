@@ -663,6 +663,24 @@ def test_set_kicks(event_idx):
     assert e.device["off_wrap"][0] == 0x1234 and e.driver.tobytes() == bytes(4)  # the driver's area untouched
 
 
+@settings(max_examples=400, **COMMON)
+@given(st.sampled_from([1, 2, 3, 8, 256, 32768]), st.data())
+def test_driver_must_kick_matches_spec(size, data):
+    """The driver's side (our front-end and generator): with EVENT_IDX and DESC, a batch of n
+    posted descriptors kicks exactly when it holds the position the device named, in either lap
+    of the wrap counter and across a wrap; without them, flags alone decide."""
+    first = data.draw(st.integers(0, 4 * size - 1))  # linear position: lap parity gives the wrap counter
+    n = data.draw(st.integers(1, size))
+    last = first + n
+    avail_idx, avail_wrap = last % size, 1 - (last // size) % 2
+    off_wrap = data.draw(st.integers(0, size - 1)) | (data.draw(st.integers(0, 1)) << 15)
+    got = P.driver_must_kick(RING_EVENT_FLAGS_DESC, off_wrap, 1, avail_idx, avail_wrap, size, n)
+    assert got is spec_event_hit(size, first, last, off_wrap)
+    for flags, kick in ((RING_EVENT_FLAGS_ENABLE, True), (RING_EVENT_FLAGS_DISABLE, False), (3, True)):
+        assert P.driver_must_kick(flags, off_wrap, 1, avail_idx, avail_wrap, size, n) is kick
+    assert P.driver_must_kick(RING_EVENT_FLAGS_DESC, off_wrap, 0, avail_idx, avail_wrap, size, n) is True
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. The same hostile inputs with NUMBA_BOUNDSCHECK=1 in a fresh process and a fresh cache
 # ---------------------------------------------------------------------------------------------

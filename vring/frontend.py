@@ -24,7 +24,6 @@ from vring.layout import (
     PACKED_DESC,
     PACKED_DESC_F_AVAIL,
     PACKED_DESC_F_USED,
-    RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     USED_F_NO_NOTIFY,
@@ -34,6 +33,7 @@ from vring.layout import (
     used_bytes,
     used_dtype,
 )
+from vring.packed import driver_must_kick
 from vring.protocol import PF, F, Req
 
 GPA_BASE = 0x1_0000_0000  # guest-physical base of our memory (not identity: catches translation bugs)
@@ -206,17 +206,7 @@ class PackedDriverRing(DriverRing):
 
     def _need_kick(self, n: int) -> bool:
         off_wrap, flags = int(self.device_event[0]), int(self.device_event[1])
-        if flags == RING_EVENT_FLAGS_DISABLE:
-            return False
-        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
-            return True
-        # the device asked for a kick once position (off_wrap & 0x7FFF, wrap off_wrap >> 15) is posted
-        new = self.avail_idx if self.avail_wrap else self.avail_idx - self.size  # this lap's positions
-        ev = off_wrap & 0x7FFF
-        if (off_wrap >> 15) != self.avail_wrap:
-            ev -= self.size
-        old = new - n
-        return old <= ev < new
+        return bool(driver_must_kick(flags, off_wrap, self.event_idx, self.avail_idx, self.avail_wrap, self.size, n))
 
     def take_used(self) -> list[tuple[int, int]]:
         """New used elements (id, len); their buffer ids go back to the free list."""

@@ -28,8 +28,6 @@ from vring.layout import (
     DESC_F_WRITE,
     PACKED_DESC_F_AVAIL,
     PACKED_DESC_F_USED,
-    RING_EVENT_FLAGS_DESC,
-    RING_EVENT_FLAGS_DISABLE,
     USED_F_NO_NOTIFY,
 )
 from vring.ordering import (
@@ -45,6 +43,7 @@ from vring.ordering import (
     store_u64,
     sys_write,
 )
+from vring.packed import driver_must_kick
 
 # ring table columns (packed: R_AVAIL / R_USED are the driver / device event areas, R_AVAIL_IDX /
 # R_LAST_USED ring positions, with their wrap counters in R_AVAIL_WRAP / R_USED_WRAP)
@@ -163,18 +162,11 @@ def _post_packed(rings, free, stats, r, n, one):
     fence_seq_cst()  # our descriptors before the back-end's suppression fields
     ev = np.uint64(rings[r, R_USED])
     flags = load_u16_acquire(ev + np.uint64(2))
-    if flags == RING_EVENT_FLAGS_DISABLE:
-        return n
-    if flags == RING_EVENT_FLAGS_DESC and rings[r, R_EVENT_IDX]:
-        # a kick once the position in off_wrap has been posted: was it in this batch?
-        off_wrap = np.int64(load_u16(ev))
-        new = rings[r, R_AVAIL_IDX] if rings[r, R_AVAIL_WRAP] else rings[r, R_AVAIL_IDX] - size
-        e_pos = off_wrap & 0x7FFF
-        if (off_wrap >> 15) != rings[r, R_AVAIL_WRAP]:
-            e_pos -= size
-        if not (new - n <= e_pos < new):
-            return n
-    _kick(rings, stats, r, one)
+    off_wrap = load_u16(ev)
+    if driver_must_kick(
+        flags, off_wrap, rings[r, R_EVENT_IDX], rings[r, R_AVAIL_IDX], rings[r, R_AVAIL_WRAP], size, n
+    ):
+        _kick(rings, stats, r, one)
     return n
 
 

@@ -84,7 +84,7 @@ QSTATE = np.dtype(
         ("in_order", "<u4"),  # VIRTIO_F_IN_ORDER negotiated (packed: a batch's zero-length elements go as one)
         ("u_merged", "<u4"),  # packed: every pending used element so far is folded into the batch's first
         # packed: the batch's used elements, kept here and written to the ring together at publish
-        # (or when SHADOW fill up) rather than one by one between the frames' copies
+        # (or when SHADOW fills up) rather than one by one between the frames' copies
         ("sh_n", "<u4"),
         ("sh_head", "<u4"),  # 1: sh_*[0] is the batch's first element (its flags are stored last)
         ("sh_pos", "<u2", (SHADOW,)),

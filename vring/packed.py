@@ -319,6 +319,24 @@ def wants_call(qs, q):
     return ((new - off - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
+@inline_kernel
+def driver_must_kick(flags, off_wrap, event_idx, avail_idx, avail_wrap, size, n):
+    """The driver's side of ``wants_call`` (§2.8.10): after posting n descriptors, up to ring
+    position avail_idx with wrap counter avail_wrap, does the device's event structure (flags,
+    off_wrap) ask for a kick? Shared by the Python front-end and the generator's kernels."""
+    if flags == RING_EVENT_FLAGS_DISABLE:
+        return False
+    if flags != RING_EVENT_FLAGS_DESC or not event_idx:
+        return True
+    # a kick once the position in off_wrap has been posted: was it in this batch? Positions of
+    # the lap before the current wrap counter's count from -size (as Linux and DPDK's drivers do)
+    new = np.int64(avail_idx)
+    e_pos = np.int64(off_wrap) & 0x7FFF
+    if (np.int64(off_wrap) >> 15) != avail_wrap:
+        e_pos -= size
+    return new - n <= e_pos < new
+
+
 @kernel
 def set_kicks(qs, q, on):
     """Device event suppression (§2.8.10): ask the driver to notify us, or not."""
