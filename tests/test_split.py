@@ -20,6 +20,7 @@ from vring.layout import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    SHADOW,
     avail_dtype,
     new_qstate,
     used_dtype,
@@ -41,6 +42,7 @@ from vring.split import (
     MAX_SEGS,
     avail_count,
     avail_head,
+    flush_used,
     need_call,
     publish_used,
     put_used,
@@ -579,8 +581,9 @@ def test_put_used_and_publish_used_wrap():
         put_used(r.qs, 0, i, head, ln)
     assert r.used["idx"][0] == 0  # nothing published yet
     ring = r.used["ring"][0]
-    assert ring["id"].tolist() == [2, 0xEEEE, 3, 0] and ring["len"].tolist() == [0, 0xEEEE, 100, 0xFFFF_FFFF]
+    assert ring["len"].tolist() == [0, 0xEEEE, 0, 0]  # nor written: the batch waits in the shadow
     publish_used(r.qs, 0, 3, 3)
+    assert ring["id"].tolist() == [2, 0xEEEE, 3, 0] and ring["len"].tolist() == [0, 0xEEEE, 100, 0xFFFF_FFFF]
     assert r.used["idx"][0] == 1 and r.q["used_idx"] == 1 and r.q["last_avail_idx"] == 2
     assert r.used["flags"][0] == 0x5A5A and r.used["avail_event"][0] == 0xA5A5
     # popped without used (dropped chains): index unchanged in the ring
@@ -589,7 +592,22 @@ def test_put_used_and_publish_used_wrap():
     assert r.used["idx"][0] == 0x1234 and r.q["used_idx"] == 1 and r.q["last_avail_idx"] == 4
     # put_used's slot follows used_idx: the next element goes to slot 1
     put_used(r.qs, 0, 0, 1, 42)
-    assert tuple(r.used["ring"][0, 1]) == (1, 42)
+    flush_used(r.qs, 0)
+    assert tuple(r.used["ring"][0, 1]) == (1, 42) and r.used["idx"][0] == 0x1234
+
+
+def test_batch_longer_than_the_shadow():
+    """Elements past SHADOW go to the ring as they come, the first SHADOW at publish: all land."""
+    n = SHADOW + 20
+    r = Ring(128, used_idx=100)
+    for i in range(n):
+        put_used(r.qs, 0, i, i, 1000 + i)
+    ring = r.used["ring"][0]
+    slots = [(100 + i) % 128 for i in range(n)]
+    assert [int(ring["len"][s]) for s in slots] == [0] * SHADOW + [1000 + i for i in range(SHADOW, n)]
+    publish_used(r.qs, 0, n, n)
+    assert [tuple(map(int, ring[s])) for s in slots] == [(i, 1000 + i) for i in range(n)]
+    assert r.used["idx"][0] == (100 + n) & 0xFFFF and r.q["sh_n"] == 0
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ def used_bytes(size: int) -> int:
 DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
 
 # Per-queue state shared by the control plane and the kernels (field names follow the spec).
-SHADOW = 64  # packed: used elements a batch keeps before writing them to the ring (vring.packed.put_used)
+SHADOW = 64  # used elements a batch keeps before writing them to the ring (vring.packed/split.put_used)
 
 QSTATE = np.dtype(
     [
@@ -83,8 +83,8 @@ QSTATE = np.dtype(
         ("head_addr", "<u8"),
         ("in_order", "<u4"),  # VIRTIO_F_IN_ORDER negotiated (packed: a batch's zero-length elements go as one)
         ("u_merged", "<u4"),  # packed: every pending used element so far is folded into the batch's first
-        # packed: the batch's used elements, kept here and written to the ring together at publish
-        # (or when SHADOW fills up) rather than one by one between the frames' copies
+        # the batch's used elements, kept here and written to the ring together at publish
+        # (packed: or when SHADOW fills up; split: past SHADOW, as they come) rather than one by one
         ("sh_n", "<u4"),
         ("sh_head", "<u4"),  # 1: sh_*[0] is the batch's first element (its flags are stored last)
         ("sh_pos", "<u2", (SHADOW,)),

@@ -34,6 +34,7 @@ def begin(qs, q, limit):
     n = S.avail_count(qs, q)
     qs[q]["t_count"] = 0
     qs[q]["u_count"] = 0
+    qs[q]["sh_n"] = 0
     qs[q]["avail_cache"] = max(n, 0)
     return n
 
@@ -102,6 +103,7 @@ def publish(qs, q):
     else:
         tracked = qs[q]["inflight"] != 0 and used > 0
         if tracked:
+            S.flush_used(qs, q)  # link_batch reads the heads back from the ring
             I.link_batch(qs, q, used)
         S.publish_used(qs, q, qs[q]["t_count"], used)
         if tracked:

@@ -20,6 +20,7 @@ from vring.layout import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    SHADOW,
 )
 from vring.ordering import (
     fence_seq_cst,
@@ -199,7 +200,15 @@ def avail_head(qs, q, i):
 
 @inline_kernel
 def put_used(qs, q, i, head, length):
-    """Write the i-th pending used element (published later by ``publish_used``)."""
+    """The i-th pending used element, written to the ring by ``flush_used`` (published later by
+    ``publish_used``). The first SHADOW wait in the queue state: written one by one between the
+    frames' copies, they would compete for the used ring's lines with a driver still reading the
+    last batch's elements there (as DPDK's vhost, they go to the ring together at publish)."""
+    if i < SHADOW:
+        qs[q]["sh_id"][i] = np.uint16(head)
+        qs[q]["sh_len"][i] = np.uint32(length)
+        qs[q]["sh_n"] = i + 1
+        return
     size = np.int64(qs[q]["size"])
     slot = (np.int64(qs[q]["used_idx"]) + i) & (size - 1)
     e = qs[q]["used"] + np.uint64(4 + 8 * slot)
@@ -208,11 +217,24 @@ def put_used(qs, q, i, head, length):
 
 
 @inline_kernel
+def flush_used(qs, q):
+    """Write the used elements kept by ``put_used`` into the ring (not yet published)."""
+    size = np.int64(qs[q]["size"])
+    base = np.int64(qs[q]["used_idx"])
+    for i in range(qs[q]["sh_n"]):
+        e = qs[q]["used"] + np.uint64(4 + 8 * ((base + i) & (size - 1)))
+        store_u32(e, np.uint32(qs[q]["sh_id"][i]))
+        store_u32(e + np.uint64(4), qs[q]["sh_len"][i])
+    qs[q]["sh_n"] = 0
+
+
+@inline_kernel
 def publish_used(qs, q, popped, used):
     """Advance last_avail_idx by ``popped`` and publish ``used`` pending used elements.
 
     The release store orders the used elements before the index (§2.7.8: fill, then flush).
     """
+    flush_used(qs, q)
     qs[q]["last_avail_idx"] = (qs[q]["last_avail_idx"] + popped) & 0xFFFF
     if used > 0:
         new = (qs[q]["used_idx"] + used) & 0xFFFF
