@@ -248,9 +248,11 @@ def vring_window(a: dict | None, b: dict | None) -> dict | None:
     if not a or not b or "empty" not in a or "empty" not in b or b["polls"] <= a["polls"]:
         return None
     n, e, f, c = (b[k] - a[k] for k in ("polls", "empty", "frames", "busy_cycles"))
+    # busy cycles are those of a sample of busy rounds: per frame of that sample (older vrings timed all)
+    t = b["timed_frames"] - a["timed_frames"] if "timed_frames" in a and "timed_frames" in b else f
     ns_per_cycle = b["ns_per_frame"] / b["cycles_per_frame"] if b.get("cycles_per_frame") else 0.0
     return {"polls": n, "frames": f, "empty_share": e / n,
-            "busy_ns_per_frame": c / f * ns_per_cycle if f else None}
+            "busy_ns_per_frame": c / t * ns_per_cycle if t else None}
 
 
 def testpmd_totals(text: str) -> dict:

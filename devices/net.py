@@ -41,12 +41,15 @@ from vring import packed as P
 from vring.dataplane import (
     BUSY_CYCLES,
     BUSY_FRAMES,
-    BUSY_SINCE,
+    BUSY_OPEN,
     BUSY_SIZE,
+    BUSY_TIMED_FRAMES,
     Worker,
     account_poll,
     busy_begins,
+    busy_drop,
     busy_ends,
+    busy_per_frame,
     end_round,
     running,
 )
@@ -440,7 +443,7 @@ def _held(counters, dst, busy, nothing_moved):
     (and opened the round's busy span), the span is dropped: waiting is not busy time."""
     counters[dst, C_HELD] += 1
     if nothing_moved:
-        busy[BUSY_SINCE] = 0
+        busy_drop(busy)
 
 
 @inline_kernel
@@ -477,7 +480,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them (``hold``:
     see ``_room``). Between packed rings a frame of the common kind takes ``_forward_one``."""
     capturing = cap[0][K_PORTS] != 0
-    opened = busy[BUSY_SINCE] == 0
+    opened = busy[BUSY_OPEN] == 0
     n = begin_batch(qs, counters, regions, src, burst, BUF_NONE if mode == MODE_SINK and not capturing else BUF_READ,
                     busy)
     if n <= 0:
@@ -763,13 +766,13 @@ class NetDevice(Device):
 
         polls, busy = self.polls.copy(), self.busy.copy()
         total = int(polls.sum())
-        frames = int(busy[BUSY_FRAMES])
-        cyc = int(busy[BUSY_CYCLES]) / frames if frames else 0.0
+        cyc = busy_per_frame(busy)
         return {
             "polls": total,
             "empty": int(polls[0]),  # raw counts too, so a reader can difference two samples
-            "frames": frames,
-            "busy_cycles": int(busy[BUSY_CYCLES]),
+            "frames": int(busy[BUSY_FRAMES]),
+            "busy_cycles": int(busy[BUSY_CYCLES]),  # of the timed busy rounds (dataplane.BUSY_SAMPLE)
+            "timed_frames": int(busy[BUSY_TIMED_FRAMES]),
             "empty_share": float(polls[0]) / total if total else 0.0,
             "full_share": float(polls[-1]) / total if total else 0.0,
             "cycles_per_frame": cyc,

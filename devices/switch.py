@@ -45,7 +45,7 @@ from devices.net import (
     too_long,
 )
 from devices.offload import OSTAT_NAMES
-from vring.dataplane import BUSY_SINCE, BUSY_SIZE, Worker, account_poll, busy_ends, end_round, running
+from vring.dataplane import BUSY_SIZE, Worker, account_poll, busy_ends, end_round, running
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
@@ -196,7 +196,7 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
     n = begin_batch(qs, counters, regions, src, burst, 0, busy)
     if n <= 0:
         return n
-    now = busy[BUSY_SINCE]  # when this round found work: the clock, read once per busy round
+    now = cycles()  # for the MAC table's ages: once per batch that found work
     age = params[P_AGE]
     nports = rx_rows.shape[0]
     hl = np.uint64(qs[src]["hdr_len"])

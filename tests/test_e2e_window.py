@@ -70,6 +70,9 @@ def test_vring_window(e2e):
     assert w["empty_share"] == pytest.approx(1600 / 2000)
     assert w["busy_ns_per_frame"] == pytest.approx(1600000 / 16000 * 0.5)
     assert e2e.vring_window(b, a) is None
+    # a vring that times one busy round in 16: busy cycles are per frame of the timed rounds
+    a2, b2 = dict(a, timed_frames=200), dict(b, timed_frames=1200)
+    assert e2e.vring_window(a2, b2)["busy_ns_per_frame"] == pytest.approx(1600000 / 1000 * 0.5)
     assert e2e.vring_window({"polls": 1}, b) is None  # a sample from a vring without raw counts
 
 

@@ -180,9 +180,10 @@ def test_stats_by_pid_and_default_path(sockdir, vring_proc):
 
 def test_poll_statistics_count_each_poll_by_what_it_found(sockdir):
     """The loop's self-measurement: a batch the driver publishes at once is one poll that found all
-    of it; its frames and the cycles of its round count as busy; every other poll found nothing."""
+    of it; every other poll found nothing. One busy round in BUSY_SAMPLE is timed: its cycles and
+    frames give the busy time per frame."""
     from vring.control import LocalBackend
-    from vring.dataplane import BUSY_CYCLES, BUSY_FRAMES, BUSY_SINCE
+    from vring.dataplane import BUSY_CYCLES, BUSY_FRAMES, BUSY_OPEN, BUSY_SAMPLE, BUSY_SINCE, BUSY_TIMED_FRAMES
     from vring.frontend import Frontend
 
     b = LocalBackend([os.path.join(sockdir, "a.sock")], idle_rounds=0).start()  # --poll: never sleeps
@@ -195,15 +196,21 @@ def test_poll_statistics_count_each_poll_by_what_it_found(sockdir):
         assert dev.polls[1:].sum() == 0 and dev.busy[BUSY_FRAMES] == 0 and dev.busy[BUSY_CYCLES] == 0
         fe.post_rx()
         assert fe.send_frames([bytes(60)] * 8) == 8  # one avail index store: one poll finds all 8
-        wait_until(lambda: dev.busy[BUSY_FRAMES] == 8 and dev.busy[BUSY_SINCE] == 0)  # the span closed
+        wait_until(lambda: dev.busy[BUSY_FRAMES] == 8 and dev.busy[BUSY_OPEN] == 0)  # the round closed
         assert dev.polls[8] == 1 and dev.polls[1:].sum() == 1
-        assert dev.busy[BUSY_CYCLES] > 0
+        assert dev.busy[BUSY_CYCLES] == 0 and dev.busy[BUSY_TIMED_FRAMES] == 0  # the first busy round: not timed
+        assert len(fe.recv_frames()) == 8  # and the loop did forward them
+        for i in range(1, BUSY_SAMPLE):  # one frame per busy round, up to the timed one
+            assert fe.send_frames([bytes(60)]) == 1
+            wait_until(lambda i=i: dev.busy[BUSY_FRAMES] == 8 + i and dev.busy[BUSY_OPEN] == 0)
+            assert len(fe.recv_frames()) == 1
+        wait_until(lambda: dev.busy[BUSY_SINCE] == 0 and dev.busy[BUSY_CYCLES] > 0)  # the timed span closed
+        assert dev.polls[1] == BUSY_SAMPLE - 1 and dev.busy[BUSY_TIMED_FRAMES] == 1
         ps = dev.poll_stats()
         assert 0 < ps["empty_share"] < 1 and ps["ns_per_frame"] > 0
         # the raw counts behind the shares, for readers that difference two samples (bench/e2e.py)
-        assert ps["frames"] == 8 and ps["busy_cycles"] > 0 and 0 < ps["empty"] < ps["polls"]
-        assert ps["empty"] / ps["polls"] == ps["empty_share"]
-        assert len(fe.recv_frames()) == 8  # and the loop did forward them
+        assert ps["frames"] == 8 + BUSY_SAMPLE - 1 and ps["timed_frames"] == 1 and ps["busy_cycles"] > 0
+        assert 0 < ps["empty"] < ps["polls"] and ps["empty"] / ps["polls"] == ps["empty_share"]
         fe.close()
     finally:
         b.stop()

@@ -28,9 +28,14 @@ CMD, WAKE_FD, IDLE_ROUNDS, SLEEP_MS, ROUNDS, BUSY_ROUNDS, SLEEPS = range(7)
 CTRL_SIZE = 16
 RUN, PAUSE = 1, 0
 POLLIN = 1
-# busy[] slots (uint64): cycles of busy spans, frames they moved, start of the open span (0: none)
-BUSY_CYCLES, BUSY_FRAMES, BUSY_SINCE = range(3)
-BUSY_SIZE = 3
+# busy[] slots (uint64): cycles of the timed busy spans, frames moved (all), start of the open timed
+# span (0: none), frames the timed spans moved, whether this round has found work, busy rounds
+# since the last timed one
+BUSY_CYCLES, BUSY_FRAMES, BUSY_SINCE, BUSY_TIMED_FRAMES, BUSY_OPEN, BUSY_NTH = range(6)
+BUSY_SIZE = 6
+# one busy round in BUSY_SAMPLE is timed: rdtsc costs ~19 ns on the Xeon VM (two per timed round),
+# a fifth of a whole frame's cost at burst 1 when every round was timed (bench/results/tries/xeon_stop28.md)
+BUSY_SAMPLE = 16
 
 
 @inline_kernel
@@ -76,30 +81,51 @@ def idle_sleep(ctrl, qs, watch, pollfds, buf):
 
 @inline_kernel
 def busy_begins(busy):
-    """A poll found work: the round's busy span starts now, unless an earlier poll of the round
-    started it. The clock is read once per busy round and never in an empty one: rdtsc costs
-    ~10 ns in this VM, more than the rest of an empty poll (6-8 ns)."""
-    if busy[BUSY_SINCE] == 0:
-        busy[BUSY_SINCE] = cycles()
+    """A poll found work. The first such poll of a round opens the round's busy span, and one busy
+    round in BUSY_SAMPLE is timed: its span starts now. Counting busy rounds, not rounds, keeps
+    the sample from locking onto a pattern of empty and busy rounds; an empty round reads no clock."""
+    if busy[BUSY_OPEN] == 0:
+        busy[BUSY_OPEN] = 1
+        busy[BUSY_NTH] += 1
+        if busy[BUSY_NTH] >= BUSY_SAMPLE:
+            busy[BUSY_NTH] = 0
+            busy[BUSY_SINCE] = cycles()
+
+
+@inline_kernel
+def busy_drop(busy):
+    """The poll that opened the round's span moved nothing after all (it waited): no busy span."""
+    busy[BUSY_OPEN] = 0
+    busy[BUSY_SINCE] = 0
 
 
 @inline_kernel
 def busy_ends(busy):
-    """Close the busy span a poll opened, if any: its cycles count as busy time."""
+    """Close the round's busy span, if any; a timed one's cycles count as busy time."""
     if busy[BUSY_SINCE] != 0:
         busy[BUSY_CYCLES] += cycles() - busy[BUSY_SINCE]
         busy[BUSY_SINCE] = 0
+    busy[BUSY_OPEN] = 0
 
 
 @inline_kernel
 def account_poll(polls, busy, burst, done):
     """Self-measurement of one poll that returned ``done`` (-1: ring not ready): polls[n] counts
-    polls that found n frames, busy[BUSY_FRAMES] the frames moved. Returns the frames moved."""
+    polls that found n frames, busy[BUSY_FRAMES] the frames moved (and BUSY_TIMED_FRAMES those of
+    timed rounds). Returns the frames moved."""
     if done > 0:
         busy[BUSY_FRAMES] += done
+        if busy[BUSY_SINCE] != 0:
+            busy[BUSY_TIMED_FRAMES] += done
     if done >= 0:
         polls[min(done, burst)] += 1
     return max(done, 0)
+
+
+def busy_per_frame(busy) -> float:
+    """Cycles per frame of the timed busy rounds (0.0 before any)."""
+    timed = int(busy[BUSY_TIMED_FRAMES])
+    return int(busy[BUSY_CYCLES]) / timed if timed else 0.0
 
 
 @inline_kernel

@@ -199,32 +199,34 @@ def avail_head(qs, q, i):
 
 
 @inline_kernel
-def put_used(qs, q, i, head, length):
-    """The i-th pending used element, written to the ring by ``flush_used`` (published later by
-    ``publish_used``). The first SHADOW wait in the queue state: written one by one between the
-    frames' copies, they would compete for the used ring's lines with a driver still reading the
-    last batch's elements there (as DPDK's vhost, they go to the ring together at publish)."""
-    if i < SHADOW:
-        qs[q]["sh_id"][i] = np.uint16(head)
-        qs[q]["sh_len"][i] = np.uint32(length)
-        qs[q]["sh_n"] = i + 1
-        return
-    size = np.int64(qs[q]["size"])
-    slot = (np.int64(qs[q]["used_idx"]) + i) & (size - 1)
+def _store_used(qs, q, i, head, length):
+    """Write the i-th pending used element into its slot of the used ring (not yet published)."""
+    slot = (np.int64(qs[q]["used_idx"]) + i) & (np.int64(qs[q]["size"]) - 1)
     e = qs[q]["used"] + np.uint64(4 + 8 * slot)
     store_u32(e, np.uint32(head))
     store_u32(e + np.uint64(4), np.uint32(length))
 
 
 @inline_kernel
+def put_used(qs, q, i, head, length):
+    """The i-th pending used element, written to the ring by ``flush_used`` (published later by
+    ``publish_used``). The first SHADOW wait in the queue state: written one by one between the
+    frames' copies, they would compete for the used ring's lines with a driver still reading the
+    last batch's elements there (as DPDK's vhost, they go to the ring together at publish).
+    ``sh_id`` is u16 (packed's buffer ids): a head from ``pop`` is < size <= 32768."""
+    if i < SHADOW:
+        qs[q]["sh_id"][i] = np.uint16(head)
+        qs[q]["sh_len"][i] = np.uint32(length)
+        qs[q]["sh_n"] = i + 1
+        return
+    _store_used(qs, q, i, head, length)
+
+
+@inline_kernel
 def flush_used(qs, q):
     """Write the used elements kept by ``put_used`` into the ring (not yet published)."""
-    size = np.int64(qs[q]["size"])
-    base = np.int64(qs[q]["used_idx"])
     for i in range(qs[q]["sh_n"]):
-        e = qs[q]["used"] + np.uint64(4 + 8 * ((base + i) & (size - 1)))
-        store_u32(e, np.uint32(qs[q]["sh_id"][i]))
-        store_u32(e + np.uint64(4), qs[q]["sh_len"][i])
+        _store_used(qs, q, i, qs[q]["sh_id"][i], qs[q]["sh_len"][i])
     qs[q]["sh_n"] = 0
 
 
