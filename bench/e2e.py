@@ -654,7 +654,18 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Take SIGTERM as Ctrl-C: the runs' finally blocks then stop the back-end and front-end, which
+    run in their own sessions and would otherwise go on spinning on both CPUs after we are gone."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stop_on_sigterm()
     ap = parser()
     args = ap.parse_args(argv)
     if args.quick:

@@ -128,3 +128,20 @@ def test_both_testpmd_roles_get_the_variants_queues_and_ports(e2e):
     for argv in (be, fe):
         assert "--rxq=2" in argv and "--txq=2" in argv and "--burst=8" in argv
     assert "--forward-mode=io" in be and "--forward-mode=flowgen" in fe and "-i" in be
+
+
+def test_sigterm_unwinds_like_ctrl_c(e2e):
+    """A SIGTERM (pkill, a CI timeout) must run the finally blocks that stop the peers e2e started."""
+    import os
+    import signal
+    import time
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        e2e.stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler raises on delivery, before this returns
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
