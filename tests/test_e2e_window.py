@@ -144,4 +144,3 @@ def test_sigterm_unwinds_like_ctrl_c(e2e):
             time.sleep(1)  # the handler raises on delivery, before this returns
     finally:
         signal.signal(signal.SIGTERM, old)
-

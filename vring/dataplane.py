@@ -33,8 +33,9 @@ POLLIN = 1
 # since the last timed one
 BUSY_CYCLES, BUSY_FRAMES, BUSY_SINCE, BUSY_TIMED_FRAMES, BUSY_OPEN, BUSY_NTH = range(6)
 BUSY_SIZE = 6
-# one busy round in BUSY_SAMPLE is timed: rdtsc costs ~19 ns on the Xeon VM (two per timed round),
-# a fifth of a whole frame's cost at burst 1 when every round was timed (bench/results/tries/xeon_stop28.md)
+# one busy round in BUSY_SAMPLE is timed: on the Xeon VM rdtsc costs ~19 ns, and read behind a poll's
+# first descriptor load in every busy round it cost far more (packed tx burst 1: 3.55 Mpps timing every
+# round, 13.0 timing one in 16; bench/results/tries/xeon_stop28.md)
 BUSY_SAMPLE = 16
 
 
