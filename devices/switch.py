@@ -45,7 +45,7 @@ from devices.net import (
     too_long,
 )
 from devices.offload import OSTAT_NAMES
-from vring.dataplane import BUSY_SIZE, Worker, account_poll, busy_ends, end_round, running
+from vring.dataplane import BUSY_SIZE, SLEEPS, Worker, account_poll, busy_ends, end_round, running
 from vring.device import Device
 from vring.jit import kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
@@ -64,6 +64,7 @@ S_LEARNED, S_MOVED, S_AGED, S_EVICTED, S_UNICAST, S_FLOODED, S_FILTERED, S_RUNTS
 SWSTAT_NAMES = ("learned", "moved", "aged", "evicted", "unicast", "flooded", "filtered", "runts")
 # params slots
 P_AGE = 0  # entry lifetime in cycles (0: never age)
+CLOCK_ROUNDS = 64  # switch_loop reads the MAC table's clock once in this many rounds (and after sleeping)
 
 
 @kernel
@@ -190,13 +191,13 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, beg
 
 @kernel
 def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob, began, touched,
-                 mac_key, mac_port, mac_seen, params, st, cap, busy):
-    """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them."""
+                 mac_key, mac_port, mac_seen, params, st, cap, busy, now):
+    """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them; ``now`` (cycles) dates
+    the MAC table's entries."""
     src = tx_rows[port, k]
     n = begin_batch(qs, counters, regions, src, burst, 0, busy)
     if n <= 0:
         return n
-    now = cycles()  # for the MAC table's ages: once per batch that found work
     age = params[P_AGE]
     nports = rx_rows.shape[0]
     hl = np.uint64(qs[src]["hdr_len"])
@@ -266,12 +267,23 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
     """The switch data plane: every TX queue of every port, round after round, until told to stop."""
     one, buf, pollfds, s_hva, s_len, sc, ob, began, touched = scratch
     idle = 0
+    now = cycles()
+    tick = 0
+    sleeps = ctrl[SLEEPS]
     while running(ctrl):
+        # The MAC table's clock, read before the round polls (rdtsc right behind a poll's descriptor
+        # load held the next loads back in net_loop: dataplane.BUSY_SAMPLE): every CLOCK_ROUNDS
+        # rounds, which poll for microseconds, and after every sleep, which may last seconds.
+        tick += 1
+        if tick >= CLOCK_ROUNDS or ctrl[SLEEPS] != sleeps:
+            now = cycles()
+            tick = 0
+            sleeps = ctrl[SLEEPS]
         work = 0
         for k in range(tx_rows.shape[1]):
             for p in range(tx_rows.shape[0]):
                 done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob,
-                                    began, touched, mac_key, mac_port, mac_seen, params, st, cap, busy)
+                                    began, touched, mac_key, mac_port, mac_seen, params, st, cap, busy, now)
                 work += account_poll(polls, busy, burst, done)
         busy_ends(busy)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)

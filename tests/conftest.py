@@ -1,6 +1,7 @@
 """Shared fixtures: a vring back-end in a child process, a short socket directory, peers."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -56,13 +57,21 @@ class VringProcess:
         raise TimeoutError(f"no {needle!r} in vring's log:\n{self.log_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        killed = False
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+            killed = sig == signal.SIGKILL
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+                killed = True
+        if killed:  # a killed vring cannot remove its control socket: do it, as its operator would
+            from vring.control import default_path
+
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(default_path(self.proc.pid))
         self._log.close()
         return self.proc.returncode
 

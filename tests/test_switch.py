@@ -213,8 +213,11 @@ def test_no_hairpin(vring_proc, sockdir):
     assert c[0]["rx_packets"] == 0 and c[0]["tx_packets"] == 3
 
 
-def test_ageing_forgets_a_silent_mac(vring_proc, sockdir):
-    v, fes, ctl = start(vring_proc, sockdir, "--age", "0.5")
+@pytest.mark.parametrize("mode", ["adaptive", "poll"])
+def test_ageing_forgets_a_silent_mac(vring_proc, sockdir, mode):
+    """Adaptive: the loop sleeps through the silence and re-reads its clock on waking; --poll:
+    it never sleeps, and its clock moves every CLOCK_ROUNDS rounds."""
+    v, fes, ctl = start(vring_proc, sockdir, "--age", "0.5", *(["--poll"] if mode == "poll" else []))
     fa, fb, _ = fes
     f1 = eth(BCAST, B, 1)
     send(fb, f1)
