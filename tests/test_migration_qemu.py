@@ -41,6 +41,18 @@ VRING_OPTS = ("-v",) if os.environ.get("VRING_TEST_DEBUG") else ()
 PING_RX = r"^ping (ok|fail) tx=(\d+) rx=(\d+) loss=(\S+)%"
 
 
+def source_and_target(peers, sockdir: str, src_sock: str, dst_sock: str, announce: str, mig: str):
+    """G-src, and G-dst waiting for it on ``mig``: one MAC, a NIC each on the given sockets
+    (guest_announce=off for "rarp": then QEMU asks the back-end to announce the guest)."""
+    params = {"ip": f"{IP_G}/24", "wait": 300}
+    props = "guest_announce=off" if announce == "rarp" else ""
+    src = peers.add(QemuGuest([VhostUserNet(src_sock, mac=MAC_G, props=props)], name="gsrc", workdir=sockdir,
+                              params=params, monitor=True))
+    dst = peers.add(QemuGuest([VhostUserNet(dst_sock, mac=MAC_G, props=props)], name="gdst", workdir=sockdir,
+                              params=params, monitor=True, extra_args=["-incoming", f"unix:{mig}"]))
+    return src, dst
+
+
 def migrate_while_pinging(p: QemuGuest, src: QemuGuest, dst: QemuGuest, mig: str, diag, t0: float):
     """Once P reaches G, migrate G from ``src`` to ``dst`` (listening on ``mig``) while P pings.
     Asserts the migration completed before P's pings ended and the destination runs; returns
@@ -93,12 +105,7 @@ def test_guest_keeps_pinging_through_live_migration(sockdir, peers, vring_proc, 
     v = vring_proc(*args, cpus=VRING_CPU)
     v.wait_log("port=2 listening", 60)
     mig = os.path.join(sockdir, "mig.sock")
-    g_params = {"ip": f"{IP_G}/24", "wait": 300}
-    props = "guest_announce=off" if announce == "rarp" else ""
-    src = peers.add(QemuGuest([VhostUserNet(socks[1], mac=MAC_G, props=props)], name="gsrc", workdir=sockdir,
-                              params=g_params, monitor=True))
-    dst = peers.add(QemuGuest([VhostUserNet(socks[2], mac=MAC_G, props=props)], name="gdst", workdir=sockdir,
-                              params=g_params, monitor=True, extra_args=["-incoming", f"unix:{mig}"]))
+    src, dst = source_and_target(peers, sockdir, socks[1], socks[2], announce, mig)
     p = peers.add(QemuGuest([VhostUserNet(socks[0], mac=MAC_P)], name="p", workdir=sockdir,
                             params={"ip": f"{IP_P}/24", "ping": IP_G, "count": COUNT, "interval": INTERVAL,
                                     "ping_wait": 90}))
@@ -142,12 +149,7 @@ def test_guest_keeps_pinging_across_two_vring_processes(sockdir, peers, vring_pr
     va.wait_log("port=1 listening", 60)
     vb.wait_log("port=1 listening", 60)
     mig = os.path.join(sockdir, "mig.sock")
-    g_params = {"ip": f"{IP_G}/24", "wait": 300}
-    props = "guest_announce=off" if announce == "rarp" else ""
-    src = peers.add(QemuGuest([VhostUserNet(a[1], mac=MAC_G, props=props)], name="gsrc", workdir=sockdir,
-                              params=g_params, monitor=True))
-    dst = peers.add(QemuGuest([VhostUserNet(b[1], mac=MAC_G, props=props)], name="gdst", workdir=sockdir,
-                              params=g_params, monitor=True, extra_args=["-incoming", f"unix:{mig}"]))
+    src, dst = source_and_target(peers, sockdir, a[1], b[1], announce, mig)
     p = peers.add(QemuGuest([VhostUserNet(a[0], mac=MAC_P), VhostUserNet(b[0], mac=MAC_P1)], name="p",
                             workdir=sockdir, params={"bridge": 1, "ip": f"{IP_P}/24", "ping": IP_G, "count": COUNT,
                                                      "interval": INTERVAL, "ping_wait": 90}))
