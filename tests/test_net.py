@@ -20,7 +20,8 @@ from vring.protocol import F, Req
 def frame(seq: int, size: int = 64) -> bytes:
     """Ethernet frame carrying a sequence number and a CRC of its payload."""
     body = bytes((seq + i) & 0xFF for i in range(size - 22))
-    return b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x88\xb5" + struct.pack("<II", seq, zlib.crc32(body)) + body
+    head = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x88\xb5"  # dst, src, ethertype 0x88b5
+    return head + struct.pack("<II", seq, zlib.crc32(body)) + body
 
 
 def check(f: bytes) -> int:

@@ -52,7 +52,7 @@ from vring.split import (
     walk_chain,
 )
 
-N, W, I = DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT
+N, W, I = DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT  # noqa: E741 (short names keep the chain tables legible)
 U64 = 2**64
 SENTINEL = 0xDEADBEEFDEADBEEF
 GUARD = 4  # extra seg slots past the capacity the kernel sees; must stay untouched
