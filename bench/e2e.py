@@ -338,12 +338,14 @@ class Runner:
         return tag, os.path.join("/tmp", f"{tag}.sock"), d
 
     def vring_argv(self, direction: str, burst: int, size: int, sock: str, variant: str = "split") -> list[str]:
-        """``vring net`` as e2e runs it; ``--vring-args`` go last, so they can override (A/B of an option)."""
-        return ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", "net",
+        """``vring net`` (or ``vring switch``, cross-connect only) as e2e runs it; ``--vring-args`` go
+        last, so they can override (A/B of an option)."""
+        device = ["switch"] if self.a.vring_device == "switch" else [
+            "net", "--mode", VRING_MODE[direction], "--frame-size", str(size)]
+        return ["taskset", "-c", str(self.be_cpu), sys.executable, "-m", "vring", *device,
                 *[a for s in socks(sock, direction) for a in ("--socket", s)], "--control", control(sock),
-                "--mode", VRING_MODE[direction], *(["--poll"] if self.a.vring_mode == "poll" else []),
-                "--cpus", str(self.be_cpu), "--burst", str(burst), "--frame-size", str(size),
-                "--queues", str(VARIANTS[variant][1]),
+                *(["--poll"] if self.a.vring_mode == "poll" else []),
+                "--cpus", str(self.be_cpu), "--burst", str(burst), "--queues", str(VARIANTS[variant][1]),
                 *shlex.split(self.a.vring_args)]
 
     def backend(self, kind: str, direction: str, burst: int, size: int, sock: str, tag: str, d: str,
@@ -637,6 +639,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--vring-mode", choices=("poll", "adaptive"), default="poll",
                     help="vring's polling mode: --poll (busy-poll, as DPDK's PMD does; the default here) or its "
                          "own default, adaptive (polls under load, sleeps on the kicks after an idle spell)")
+    ap.add_argument("--vring-device", choices=("net", "switch"), default="net",
+                    help="the vring back-end: net (the default) or switch, the MAC-learning switch between the "
+                         "two ports (--dirs xconnect only), against the same DPDK io forwarding")
     ap.add_argument("--vring-args", default="", metavar="ARGS",
                     help="more options for vring net (one string, e.g. '--hold-us 0'; a lone flag as "
                          "--vring-args=--flag): to compare settings of one build, run e2e once per setting "
@@ -679,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in dirs:
         if d not in VRING_MODE:
             ap.error(f"bad direction {d}")
+        if args.vring_device == "switch" and d != "xconnect":
+            ap.error("--vring-device switch runs --dirs xconnect only (a switch needs two ports)")
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         if v not in VARIANTS:

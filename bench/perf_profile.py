@@ -161,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fe-cpu", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile"))
     ap.add_argument("--vring-args", default="", metavar="ARGS", help="more options for vring net, as e2e's")
+    ap.add_argument("--vring-device", default="net", choices=["net", "switch"],
+                    help="switch: profile vring switch (--dir xconnect), as e2e's --vring-device")
     ap.add_argument("--frontend", default="testpmd", choices=["testpmd", "vring"],
                     help="vring: the in-tree jitted generator (vring frontend), as e2e's --frontends vring")
     ap.add_argument("--rate", type=float, default=0.0, metavar="MPPS",
@@ -177,7 +179,10 @@ def runner_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.vring_device == "switch" and args.dir != "xconnect":
+        ap.error("--vring-device switch profiles --dir xconnect only")
     for tool in ("perf", "objdump", TESTPMD):
         if shutil.which(tool) is None:
             log(f"{tool} not found (apt-get install linux-perf binutils dpdk-dev)")
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="vring-prof-")
     res: dict = {"backend": args.backend, "variant": args.variant, "dir": args.dir, "burst": args.burst,
                  "size": args.size, "seconds": args.seconds, "freq": args.freq, "be_cpu": args.be_cpu,
-                 "fe_cpu": args.fe_cpu, "vring_args": args.vring_args, "frontend": args.frontend, "rate": args.rate}
+                 "fe_cpu": args.fe_cpu, "vring_args": args.vring_args,
+                 "vring_device": args.vring_device, "frontend": args.frontend, "rate": args.rate}
     try:
         runner = Runner(runner_args(args), work)
         with runner.started(args.frontend, args.backend, args.dir, args.burst, args.size, args.variant) as st:
@@ -211,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(args.out, exist_ok=True)
     fe = "" if args.frontend == "testpmd" else f"_{args.frontend}fe" + (f"_rate{args.rate:g}" if args.rate else "")
-    path = os.path.join(args.out, f"profile_{args.backend}_{args.variant}_{args.dir}_b{args.burst}{fe}.json")
+    be = "vring_switch" if args.backend == "vring" and args.vring_device == "switch" else args.backend
+    path = os.path.join(args.out, f"profile_{be}_{args.variant}_{args.dir}_b{args.burst}{fe}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{args.frontend} fe, {args.backend} {args.variant} {args.dir} burst {args.burst}: {res.get('mpps')} Mpps "

@@ -38,20 +38,19 @@ from devices.net import (
     _ready,
     _send,
     begin_batch,
+    inject,
     loop_scratch,
-    new_offload_scratch,
-    new_scratch,
     rarp_frame,
     too_long,
 )
 from devices.offload import OSTAT_NAMES
-from vring.dataplane import BUSY_SIZE, SLEEPS, Worker, account_poll, busy_ends, end_round, running
+from vring.dataplane import BUSY_SIZE, ROUNDS, SLEEPS, Worker, account_poll, busy_ends, end_round, running
 from vring.device import Device
-from vring.jit import kernel
+from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import cycles, load_u8
 from vring.protocol import F
-from vring.ring import EMPTY, begin, finish, pop, prefetch_batch, put_used
+from vring.ring import EMPTY, begin, finish_later, flush_calls, pop, prefetch_batch, put_used
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +66,17 @@ P_AGE = 0  # entry lifetime in cycles (0: never age)
 CLOCK_ROUNDS = 64  # switch_loop reads the MAC table's clock once in this many rounds (and after sleeping)
 
 
-@kernel
+@inline_kernel
 def _hash(mac, mask):
     return np.int64(((mac * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)) & np.uint64(mask))
 
 
-@kernel
+@inline_kernel
 def _stale(seen, now, age):
     return age != 0 and now > seen and now - seen > age
 
 
-@kernel
+@inline_kernel
 def learn(mac_key, mac_port, mac_seen, mac, port, now, age, st):
     """Record that ``mac`` was seen on ``port`` at ``now`` (cycles)."""
     key = mac | KEY_VALID
@@ -112,7 +111,7 @@ def learn(mac_key, mac_port, mac_seen, mac, port, now, age, st):
     st[S_LEARNED] += 1
 
 
-@kernel
+@inline_kernel
 def lookup(mac_key, mac_port, mac_seen, mac, now, age):
     """The port ``mac`` was learned on, or -1 (unknown or aged out)."""
     key = mac | KEY_VALID
@@ -127,7 +126,7 @@ def lookup(mac_key, mac_port, mac_seen, mac, now, age):
     return -1
 
 
-@kernel
+@inline_kernel
 def frame_macs(s_hva, s_len, ns, skip):
     """(destination, source) MAC of the frame after ``skip`` header bytes, as 48-bit integers in
     wire order (first byte most significant). The caller knows the frame has 12 bytes."""
@@ -148,12 +147,12 @@ def frame_macs(s_hva, s_len, ns, skip):
     return d, s
 
 
-@kernel
+@inline_kernel
 def _is_multicast(mac):
     return (mac >> np.uint64(40)) & np.uint64(1) != 0  # I/G bit of the first byte (broadcast too)
 
 
-@kernel
+@inline_kernel
 def _rx_row(qs, rx_rows, port, k):
     """The RX vring of ``port`` for TX queue k: queue k if ready, else queue 0, else -1."""
     r = rx_rows[port, k]
@@ -165,7 +164,7 @@ def _rx_row(qs, rx_rows, port, k):
     return -1
 
 
-@kernel
+@inline_kernel
 def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt, cap):
     """Deliver one frame into RX vring ``row``, beginning its batch if this is its first frame.
     Returns the new number of touched rows."""
@@ -189,7 +188,7 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, beg
     return nt
 
 
-@kernel
+@inline_kernel
 def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob, began, touched,
                  mac_key, mac_port, mac_seen, params, st, cap, busy, now):
     """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them; ``now`` (cycles) dates
@@ -231,27 +230,23 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
         out = -1 if _is_multicast(dmac) else lookup(mac_key, mac_port, mac_seen, dmac, now, age)
         if out == port:
             st[S_FILTERED] += 1  # the destination is behind the ingress port: never send it back
-        elif out >= 0:
-            st[S_UNICAST] += 1
-            row = _rx_row(qs, rx_rows, out, k)
-            if row < 0:
-                counters[rx_rows[out, 0], C_DROPS] += 1
-            else:
+            continue
+        # to the learned port, else flooded to every other: one loop, so _to_port (and the _send it
+        # inlines) is compiled into the loop once
+        st[S_UNICAST if out >= 0 else S_FLOODED] += 1
+        for p in range(out if out >= 0 else 0, out + 1 if out >= 0 else nports):
+            if p == port:
+                continue
+            row = _rx_row(qs, rx_rows, p, k)
+            if row >= 0:
                 nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt, cap)
-        else:
-            st[S_FLOODED] += 1
-            for p in range(nports):
-                if p == port:
-                    continue
-                row = _rx_row(qs, rx_rows, p, k)
-                if row >= 0:
-                    nt = _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt,
-                                  cap)
-    finish(qs, src, counters, one)
+            elif out >= 0:
+                counters[rx_rows[out, 0], C_DROPS] += 1  # the learned port has no RX vring ready
+    finish_later(qs, src, counters)  # the call decisions: switch_loop's next round (ring.finish_later)
     for i in range(nt):
         row = touched[i]
         began[row] = 0
-        finish(qs, row, counters, one)
+        finish_later(qs, row, counters)
     return done
 
 
@@ -262,22 +257,23 @@ def switch_scratch(nwatch: int, nrows: int, ostats: np.ndarray) -> tuple:
 
 
 @kernel
-def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac_key, mac_port, mac_seen, params,
-                st, polls, busy, cap, scratch):
-    """The switch data plane: every TX queue of every port, round after round, until told to stop."""
+def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, rows, watch, burst, mac_key, mac_port, mac_seen,
+                params, st, polls, busy, cap, scratch):
+    """The switch data plane: every TX queue of every port, round after round, until told to stop.
+    ``rows``: every ring of every port, whose call decisions each round settles at its start
+    (ring.finish_later), as net_loop does."""
     one, buf, pollfds, s_hva, s_len, sc, ob, began, touched = scratch
     idle = 0
     now = cycles()
-    tick = 0
     sleeps = ctrl[SLEEPS]
     while running(ctrl):
+        flush_calls(qs, rows, counters, one)
+        busy_ends(busy)  # the last round's work ends with its call decisions
         # The MAC table's clock, read before the round polls (rdtsc right behind a poll's descriptor
         # load held the next loads back in net_loop: dataplane.BUSY_SAMPLE): every CLOCK_ROUNDS
         # rounds, which poll for microseconds, and after every sleep, which may last seconds.
-        tick += 1
-        if tick >= CLOCK_ROUNDS or ctrl[SLEEPS] != sleeps:
+        if ctrl[ROUNDS] % CLOCK_ROUNDS == 0 or ctrl[SLEEPS] != sleeps:
             now = cycles()
-            tick = 0
             sleeps = ctrl[SLEEPS]
         work = 0
         for k in range(tx_rows.shape[1]):
@@ -285,40 +281,32 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, watch, burst, mac
                 done = switch_batch(qs, counters, regions, p, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob,
                                     began, touched, mac_key, mac_port, mac_seen, params, st, cap, busy, now)
                 work += account_poll(polls, busy, burst, done)
-        busy_ends(busy)
-        idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)
+        idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)  # sleeps only after a round with no work
+    flush_calls(qs, rows, counters, one)  # nothing left undecided while the control plane has the rings
+    busy_ends(busy)
 
 
 @njit(nogil=True, cache=True)
 def switch_inject(qs, counters, regions, port, rx_rows, mac_key, mac_port, mac_seen, params, st, frame, cap):
     """A broadcast ``frame`` (no virtio header) entering on ``port``: learn its source, flood it.
-    From the control plane with the data plane paused (SEND_RARP); port -1 does nothing."""
+    From the control plane with the data plane paused (SEND_RARP); port -1 does nothing.
+    Returns the ports it was delivered to."""
     if port < 0:
         return 0
-    one = np.ones(1, np.uint64)
     s_hva = np.full(1, np.uint64(frame.ctypes.data), np.uint64)
     s_len = np.full(1, np.uint64(frame.shape[0]), np.uint64)
-    flen = np.uint64(frame.shape[0])
-    sc = new_scratch()
-    ob = new_offload_scratch(np.zeros(len(OSTAT_NAMES), np.uint64))  # a RARP carries no offload: never used
-    began = np.zeros(qs.shape[0], np.uint8)
-    touched = np.zeros(qs.shape[0], np.int64)
     _dmac, smac = frame_macs(s_hva, s_len, np.int64(1), np.uint64(0))
     if not _is_multicast(smac):
         learn(mac_key, mac_port, mac_seen, smac, port, cycles(), params[P_AGE], st)
     st[S_FLOODED] += 1
-    nt = np.int64(0)  # not the literal 0: one compiled _to_port for every call
+    sent = 0
     for p in range(rx_rows.shape[0]):
         if p == port:
             continue
         row = _rx_row(qs, rx_rows, p, 0)
-        if row >= 0:
-            # the types switch_batch passes, so the one compiled _to_port serves both
-            nt = _to_port(qs, counters, regions, row, s_hva, s_len, np.int64(1), np.uint64(0), flen, sc, ob, began,
-                          touched, nt, cap)
-    for i in range(nt):
-        finish(qs, touched[i], counters, one)
-    return nt
+        if row >= 0 and inject(qs, counters, regions, row, frame, cap) > 0:  # devices.net's SEND_RARP path
+            sent += 1
+    return sent
 
 
 def mac_str(mac: int) -> str:
@@ -355,6 +343,7 @@ class SwitchDevice(NetDevice):
         self.rx_rows = np.array([[self.row(p, 2 * k) for k in range(queues)] for p in range(nports)], np.int64)
         self.tx_rows = np.array([[self.row(p, 2 * k + 1) for k in range(queues)] for p in range(nports)], np.int64)
         self.watch = np.sort(self.tx_rows.ravel())
+        self.rows = np.sort(np.concatenate([self.rx_rows.ravel(), self.tx_rows.ravel()]))
         self.mac_key = np.zeros(table_size, np.uint64)
         self.mac_port = np.full(table_size, -1, np.int64)
         self.mac_seen = np.zeros(table_size, np.uint64)
@@ -381,7 +370,7 @@ class SwitchDevice(NetDevice):
         self.params[P_AGE] = 0 if seconds <= 0 else max(1, int(seconds * 1e9 / ns_per_cycle()))
 
     def _args(self) -> tuple:
-        return (self.qstate, self.counters, self.regions, self.rx_rows, self.tx_rows, self.watch, self.burst,
+        return (self.qstate, self.counters, self.regions, self.rx_rows, self.tx_rows, self.rows, self.watch, self.burst,
                 self.mac_key, self.mac_port, self.mac_seen, self.params, self.swstats, self.polls, self.busy,
                 self.cap, self.scratch)
 
@@ -420,7 +409,7 @@ class SwitchDevice(NetDevice):
         # the SEND_RARP path too, not when a front-end is waiting for it
         switch_inject(self.qstate, self.counters, self.regions, -1, self.rx_rows, self.mac_key, self.mac_port,
                       self.mac_seen, self.params, self.swstats, rarp_frame(bytes(6)), self.cap)
-        Device.compile(self)  # not NetDevice's: the switch never uses net's inject path
+        Device.compile(self)  # not NetDevice's: switch_inject has compiled net's inject path
 
     def announce(self, port: int, mac: bytes) -> bool:
         """SEND_RARP: the migrated guest's MAC is now behind ``port``: learn it there and flood a RARP."""

@@ -82,7 +82,8 @@ def test_vring_args_reach_vring_net_last(e2e):
     from vring.cli import build_parser
 
     def runner(extra, mode="poll"):
-        return e2e.Runner(argparse.Namespace(be_cpu=1, fe_cpu=0, vring_args=extra, vring_mode=mode), "/tmp")
+        return e2e.Runner(argparse.Namespace(be_cpu=1, fe_cpu=0, vring_args=extra, vring_mode=mode, vring_device="net"),
+                          "/tmp")
 
     base = runner("").vring_argv("loop", 32, 64, "/tmp/x.sock", "packed")
     argv = runner("--hold-us 0 --burst 8").vring_argv("loop", 32, 64, "/tmp/x.sock", "packed")
@@ -95,6 +96,22 @@ def test_vring_args_reach_vring_net_last(e2e):
     adaptive = runner("", "adaptive").vring_argv("loop", 32, 64, "/tmp/x.sock", "packed")
     args = build_parser().parse_args(adaptive[adaptive.index("-m") + 2:])
     assert (args.poll, args.interrupt, args.mode) == (False, False, "loopback")
+
+
+def test_vring_device_switch_runs_vring_switch_on_both_ports(e2e):
+    """--vring-device switch: the cross-connect's two sockets go to ``vring switch`` (which takes no
+    --mode or --frame-size), with e2e's poll mode, CPU, burst and queues; other directions are refused."""
+    from vring.cli import build_parser
+
+    ns = argparse.Namespace(be_cpu=1, fe_cpu=0, vring_args="", vring_mode="poll", vring_device="switch")
+    argv = e2e.Runner(ns, "/tmp").vring_argv("xconnect", 8, 64, "/tmp/x.sock", "2q")
+    args = build_parser().parse_args(argv[argv.index("-m") + 2:])
+    assert args.cmd == "switch"
+    assert (args.socket, args.burst, args.poll, args.queues, args.cpus) == (
+        ["/tmp/x.sock", "/tmp/xb.sock"], 8, True, 2, "1")
+    assert e2e.parser().parse_args([]).vring_device == "net"
+    with pytest.raises(SystemExit):
+        e2e.main(["--vring-device", "switch", "--dirs", "loop,xconnect"])
 
 
 def test_vring_mode_is_an_e2e_option(e2e):

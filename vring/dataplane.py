@@ -179,7 +179,7 @@ class Worker:
         t0 = time.monotonic()
         # say so when it is a cold compile (first start after an install or upgrade), not a cache load
         notice = threading.Timer(3, lambda: log.info(
-            "worker=%s: compiling the data plane (first start only: 1-2 min here, then cached; "
+            "worker=%s: compiling the data plane (first start only: 1-3 min, then cached; "
             "`vring compile` does it ahead of time)", self.name))
         notice.daemon = True
         notice.start()
