@@ -4,6 +4,7 @@ ageing, chains that split the Ethernet header, and the MAC table in the stats.""
 from __future__ import annotations
 
 import os
+import select
 import struct
 import time
 from itertools import pairwise
@@ -234,6 +235,29 @@ def test_ageing_forgets_a_silent_mac(vring_proc, sockdir, mode):
     with ControlClient(ctl) as c:
         s = c.sample()
     assert {e["mac"]: e["port"] for e in s["mac_table"]} == {A: 0}
+    close(v, fes)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "poll"])
+def test_every_driver_that_gets_used_buffers_is_signalled(vring_proc, sockdir, mode):
+    """A batch's call decision is made at the start of the next round (ring.finish_later): the
+    drivers still get their calls, the receivers' RX rings and the sender's TX ring, in both
+    modes (adaptive goes to sleep after that round; --poll keeps polling)."""
+    v, fes, ctl = start(vring_proc, sockdir, *(["--poll"] if mode == "poll" else []))
+    f1 = eth(BCAST, A, 1)
+    send(fes[0], f1)
+    want = {fes[1].rx().call_fd, fes[2].rx().call_fd, fes[0].tx().call_fd}
+    signalled: set[int] = set()
+    deadline = time.monotonic() + 10
+    while signalled != want and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(want - signalled), [], [], 0.5)
+        signalled |= set(ready)
+    assert signalled == want
+    assert {fd: os.eventfd_read(fd) >= 1 for fd in want} == dict.fromkeys(want, True)
+    expect(fes, {1: [f1], 2: [f1]})
+    with ControlClient(ctl) as c:
+        q = {(r["port"], r["vring"]): r for r in c.sample()["queues"]}
+    assert q[(1, 0)]["calls"] >= 1 and q[(2, 0)]["calls"] >= 1 and q[(0, 1)]["calls"] >= 1
     close(v, fes)
 
 
