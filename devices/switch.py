@@ -35,6 +35,7 @@ from devices.net import (
     NO_ROOM,
     NetDevice,
     _mark_broken,
+    _put_header,
     _ready,
     _send,
     begin_batch,
@@ -44,11 +45,12 @@ from devices.net import (
     too_long,
 )
 from devices.offload import OSTAT_NAMES
+from vring import packed as P
 from vring.dataplane import BUSY_SIZE, ROUNDS, SLEEPS, Worker, account_poll, busy_ends, end_round, running
 from vring.device import Device
 from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import cycles, load_u8
+from vring.ordering import copy_bytes, cycles, load_u8, load_u16
 from vring.protocol import F
 from vring.ring import EMPTY, begin, finish_later, flush_calls, pop, prefetch_batch, put_used
 
@@ -189,6 +191,67 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, beg
 
 
 @inline_kernel
+def _switch_one(qs, counters, regions, port, k, src, rx_rows, hl, began, touched, nt, mac_key, mac_port, mac_seen, st,
+                now, age):
+    """Switch the next frame of packed TX vring ``src`` if it is the common case, as devices.net's
+    ``_forward_one`` forwards: one descriptor, no offload asked, within the MTU, one destination
+    port (the learned one, or the only other port when flooding between two) whose RX vring is
+    packed, logs nothing and has one buffer posted that takes it. Returns (1, nt) if it did; (0, nt)
+    with nothing counted or popped for the general path (an RX batch may have begun, and the source
+    may have been learned: learning it again there changes nothing, as ``learn`` at the same ``now``
+    is idempotent). Learning comes before the lookup, as in the general path: the two differ when
+    the destination is the source, or when learning evicts the destination's entry."""
+    s, slen, sid = P.peek_one(qs, src, regions, 0, hl + np.uint64(ETH_MACS))  # the MACs lie inside it
+    if s == 0:
+        return 0, nt
+    flen = slen - hl
+    limit = np.uint64(qs[src]["max_frame"])
+    if (limit != 0 and flen > limit) or load_u16(s) != 0:  # too long, or flags / gso_type set
+        return 0, nt
+    dmac = np.uint64(0)
+    smac = np.uint64(0)
+    for i in range(6):
+        dmac = (dmac << np.uint64(8)) | np.uint64(load_u8(s + hl + np.uint64(i)))
+        smac = (smac << np.uint64(8)) | np.uint64(load_u8(s + hl + np.uint64(6 + i)))
+    if not _is_multicast(smac):
+        learn(mac_key, mac_port, mac_seen, smac, port, now, age, st)
+    out = -1 if _is_multicast(dmac) else lookup(mac_key, mac_port, mac_seen, dmac, now, age)
+    if out < 0 and rx_rows.shape[0] == 2:
+        dest = 1 - port  # flooding between two ports: one destination
+    elif out >= 0 and out != port:
+        dest = out
+    else:
+        return 0, nt  # flooded to several ports, or filtered
+    row = _rx_row(qs, rx_rows, dest, k)
+    if row < 0 or not qs[row]["packed"] or qs[row]["log_base"] != 0 or qs[row]["hdr_len"] < 10:
+        return 0, nt
+    if not began[row]:
+        b = begin(qs, row, 32)
+        if b < 0:
+            return 0, nt  # the general path marks it broken
+        prefetch_batch(qs, row, regions, min(b, 32), 1)
+        began[row] = 1
+        touched[nt] = row
+        nt += 1
+    hd = np.uint64(qs[row]["hdr_len"])
+    d, _, did = P.peek_one(qs, row, regions, 1, hd + flen)
+    if d == 0:
+        return 0, nt
+    st[S_UNICAST if out >= 0 else S_FLOODED] += 1
+    _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
+    copy_bytes(d + hd, s + hl, flen)
+    P.take_one(qs, row)
+    P.put_used(qs, row, did, hd + flen, 1)
+    P.take_one(qs, src)
+    P.put_used(qs, src, sid, 0, 1)
+    counters[src, C_PACKETS] += 1
+    counters[src, C_BYTES] += flen
+    counters[row, C_PACKETS] += 1
+    counters[row, C_BYTES] += flen
+    return 1, nt
+
+
+@inline_kernel
 def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s_hva, s_len, sc, ob, began, touched,
                  mac_key, mac_port, mac_seen, params, st, cap, busy, now):
     """Pop up to ``burst`` frames from TX queue k of ``port`` and switch them; ``now`` (cycles) dates
@@ -202,8 +265,16 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
     hl = np.uint64(qs[src]["hdr_len"])
     capturing = cap[0][K_PORTS] != 0
     done = 0
-    nt = np.int64(0)  # not the literal 0: one compiled _to_port for every call
+    nt = np.int64(0)
+    # the common case's own path: packed TX, nothing to capture, a full header (_switch_one)
+    simple = not capturing and qs[src]["packed"] and hl >= 10
     for _ in range(burst):
+        if simple:
+            one_done, nt = _switch_one(qs, counters, regions, port, k, src, rx_rows, hl, began, touched, nt, mac_key,
+                                       mac_port, mac_seen, st, now, age)
+            if one_done:
+                done += 1
+                continue
         ns, total, bid, ndesc = pop(qs, src, regions, 0, s_hva, s_len, 0)
         if ns == EMPTY:
             break
