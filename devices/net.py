@@ -447,21 +447,25 @@ def _held(counters, dst, busy, nothing_moved):
 
 
 @inline_kernel
-def _forward_one(qs, counters, regions, src, dst, hl):
-    """Forward the next frame of packed TX vring ``src`` to packed RX vring ``dst`` if it is the
-    common case: one descriptor each side, no offload asked, within the MTU, fits one RX buffer.
-    Returns 1 if it did, 0 (nothing changed) for ``_send``'s general path to decide."""
-    s, slen, sid = P.peek_one(qs, src, regions, 0, hl)
+def _peek_plain(qs, regions, src, hl, need):
+    """The next frame of packed TX vring ``src`` if it is of the common kind: one descriptor of at
+    least ``need`` bytes, no offload asked (flags and gso_type 0), within the MTU. Returns (host
+    address, frame length, buffer id), or address 0 (nothing moved)."""
+    s, slen, sid = P.peek_one(qs, src, regions, 0, need)
     if s == 0:
-        return 0
+        return s, np.uint64(0), sid
     flen = slen - hl
     limit = np.uint64(qs[src]["max_frame"])
     if (limit != 0 and flen > limit) or load_u16(s) != 0:  # too long, or flags / gso_type set
-        return 0
-    hd = np.uint64(qs[dst]["hdr_len"])
-    d, _, did = P.peek_one(qs, dst, regions, 1, hd + flen)
-    if d == 0:
-        return 0
+        return np.uint64(0), np.uint64(0), sid
+    return s, flen, sid
+
+
+@inline_kernel
+def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
+    """Deliver a frame ``_peek_plain`` found (at ``s``, after ``hl`` header bytes) into the
+    one-descriptor RX buffer ``d`` that ``packed.peek_one`` found on ``dst``: a header asking for
+    no offload, the frame copied once, both descriptors taken and used, the frame counted on both."""
     _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
     copy_bytes(d + hd, s + hl, flen)
     P.take_one(qs, dst)
@@ -472,6 +476,21 @@ def _forward_one(qs, counters, regions, src, dst, hl):
     counters[src, C_BYTES] += flen
     counters[dst, C_PACKETS] += 1
     counters[dst, C_BYTES] += flen
+
+
+@inline_kernel
+def _forward_one(qs, counters, regions, src, dst, hl):
+    """Forward the next frame of packed TX vring ``src`` to packed RX vring ``dst`` if it is the
+    common case: one descriptor each side, no offload asked, within the MTU, fits one RX buffer.
+    Returns 1 if it did, 0 (nothing changed) for ``_send``'s general path to decide."""
+    s, flen, sid = _peek_plain(qs, regions, src, hl, hl)
+    if s == 0:
+        return 0
+    hd = np.uint64(qs[dst]["hdr_len"])
+    d, _, did = P.peek_one(qs, dst, regions, 1, hd + flen)
+    if d == 0:
+        return 0
+    _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen)
     return 1
 
 

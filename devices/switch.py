@@ -34,8 +34,9 @@ from devices.net import (
     NET_PROTOCOL_FEATURES,
     NO_ROOM,
     NetDevice,
+    _commit_plain,
     _mark_broken,
-    _put_header,
+    _peek_plain,
     _ready,
     _send,
     begin_batch,
@@ -50,7 +51,7 @@ from vring.dataplane import BUSY_SIZE, ROUNDS, SLEEPS, Worker, account_poll, bus
 from vring.device import Device
 from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
-from vring.ordering import copy_bytes, cycles, load_u8, load_u16
+from vring.ordering import cycles, load_u8
 from vring.protocol import F
 from vring.ring import EMPTY, begin, finish_later, flush_calls, pop, prefetch_batch, put_used
 
@@ -201,12 +202,8 @@ def _switch_one(qs, counters, regions, port, k, src, rx_rows, hl, began, touched
     may have been learned: learning it again there changes nothing, as ``learn`` at the same ``now``
     is idempotent). Learning comes before the lookup, as in the general path: the two differ when
     the destination is the source, or when learning evicts the destination's entry."""
-    s, slen, sid = P.peek_one(qs, src, regions, 0, hl + np.uint64(ETH_MACS))  # the MACs lie inside it
+    s, flen, sid = _peek_plain(qs, regions, src, hl, hl + np.uint64(ETH_MACS))  # the MACs lie inside it
     if s == 0:
-        return 0, nt
-    flen = slen - hl
-    limit = np.uint64(qs[src]["max_frame"])
-    if (limit != 0 and flen > limit) or load_u16(s) != 0:  # too long, or flags / gso_type set
         return 0, nt
     dmac = np.uint64(0)
     smac = np.uint64(0)
@@ -238,16 +235,7 @@ def _switch_one(qs, counters, regions, port, k, src, rx_rows, hl, began, touched
     if d == 0:
         return 0, nt
     st[S_UNICAST if out >= 0 else S_FLOODED] += 1
-    _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
-    copy_bytes(d + hd, s + hl, flen)
-    P.take_one(qs, row)
-    P.put_used(qs, row, did, hd + flen, 1)
-    P.take_one(qs, src)
-    P.put_used(qs, src, sid, 0, 1)
-    counters[src, C_PACKETS] += 1
-    counters[src, C_BYTES] += flen
-    counters[row, C_PACKETS] += 1
-    counters[row, C_BYTES] += flen
+    _commit_plain(qs, counters, src, sid, s, hl, row, did, d, hd, flen)
     return 1, nt
 
 

@@ -189,19 +189,26 @@ class Guest:
         self.mem[:], self.qs[:], self.counters[:] = st_
 
 
-def check(sc: dict) -> tuple[int, int]:
-    g = Guest(sc)
+def both_ways(g: Guest, burst: int) -> tuple:
+    """One batch through the common frame's path, then from the same state through the general
+    path; asserts the results, guest memory, queue state and counters are the same. Returns
+    (result, state after the common path, state after the general path)."""
     start = g.state()
-    fast = g.run(sc["burst"], general=False)
+    fast = g.run(burst, general=False)
     after_fast = g.state()
     g.restore(start)
-    general = g.run(sc["burst"], general=True)
+    general = g.run(burst, general=True)
     after = g.state()
     assert fast == general
     assert (after_fast[0] == after[0]).all(), "guest memory differs"
     for name in after[1].dtype.names:  # field by field: the padding between them isn't state
         assert (after_fast[1][name] == after[1][name]).all(), f"queue state differs: {name}"
     assert (after_fast[2] == after[2]).all(), "counters differ"
+    return fast, after_fast, after
+
+
+def check(sc: dict) -> tuple[int, int]:
+    fast, _, after = both_ways(Guest(sc), sc["burst"])
     return fast, int(after[2][RX, 0])
 
 

@@ -16,7 +16,7 @@ import struct
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_packed_forward import GPA0, REGION, RX, TX, TX_DESC, Guest, scenario
+from test_packed_forward import GPA0, REGION, RX, TX, TX_DESC, Guest, both_ways, scenario
 
 from devices.capture import CTL_SIZE, K_NVQ, K_PORTS
 from devices.capture import empty as no_capture
@@ -80,18 +80,7 @@ class SwitchGuest(Guest):
 
 
 def check(sc: dict) -> tuple[int, np.ndarray, np.ndarray]:
-    g = SwitchGuest(sc)
-    start = g.state()
-    fast = g.run(sc["burst"], general=False)
-    after_fast = g.state()
-    g.restore(start)
-    general = g.run(sc["burst"], general=True)
-    after = g.state()
-    assert fast == general
-    assert (after_fast[0] == after[0]).all(), "guest memory differs"
-    for name in after[1].dtype.names:  # field by field: the padding between them isn't state
-        assert (after_fast[1][name] == after[1][name]).all(), f"queue state differs: {name}"
-    assert (after_fast[2] == after[2]).all(), "counters differ"
+    fast, after_fast, after = both_ways(SwitchGuest(sc), sc["burst"])
     for i, name in enumerate(("mac_key", "mac_port", "mac_seen", "switch stats")):
         assert (after_fast[3 + i] == after[3 + i]).all(), f"{name} differs"
     return fast, after[2], after[6]
