@@ -37,7 +37,6 @@ from devices.offload import (
     make_segment,
     needs,
 )
-from vring import packed as P
 from vring.dataplane import (
     BUSY_CYCLES,
     BUSY_FRAMES,
@@ -69,10 +68,12 @@ from vring.ring import (
     finish,
     finish_later,
     flush_calls,
+    peek_one,
     pop,
     prefetch_batch,
     put_used,
     rollback,
+    take_one,
 )
 from vring.split import MAX_SEGS
 
@@ -448,10 +449,10 @@ def _held(counters, dst, busy, nothing_moved):
 
 @inline_kernel
 def _peek_plain(qs, regions, src, hl, need):
-    """The next frame of packed TX vring ``src`` if it is of the common kind: one descriptor of at
-    least ``need`` bytes, no offload asked (flags and gso_type 0), within the MTU. Returns (host
-    address, frame length, buffer id), or address 0 (nothing moved)."""
-    s, slen, sid = P.peek_one(qs, src, regions, 0, need)
+    """The next frame of TX vring ``src`` if it is of the common kind: one descriptor of at least
+    ``need`` bytes, no offload asked (flags and gso_type 0), within the MTU. Returns (host address,
+    frame length, buffer id), or address 0 (nothing moved)."""
+    s, slen, sid = peek_one(qs, src, regions, 0, need)
     if s == 0:
         return s, np.uint64(0), sid
     flen = slen - hl
@@ -464,14 +465,14 @@ def _peek_plain(qs, regions, src, hl, need):
 @inline_kernel
 def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
     """Deliver a frame ``_peek_plain`` found (at ``s``, after ``hl`` header bytes) into the
-    one-descriptor RX buffer ``d`` that ``packed.peek_one`` found on ``dst``: a header asking for
-    no offload, the frame copied once, both descriptors taken and used, the frame counted on both."""
+    one-descriptor RX buffer ``d`` that ``ring.peek_one`` found on ``dst``: a header asking for no
+    offload, the frame copied once, both descriptors taken and used, the frame counted on both."""
     _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
     copy_bytes(d + hd, s + hl, flen)
-    P.take_one(qs, dst)
-    P.put_used(qs, dst, did, hd + flen, 1)
-    P.take_one(qs, src)
-    P.put_used(qs, src, sid, 0, 1)
+    take_one(qs, dst, did)
+    put_used(qs, dst, did, hd + flen, 1)
+    take_one(qs, src, sid)
+    put_used(qs, src, sid, 0, 1)
     counters[src, C_PACKETS] += 1
     counters[src, C_BYTES] += flen
     counters[dst, C_PACKETS] += 1
@@ -480,14 +481,15 @@ def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
 
 @inline_kernel
 def _forward_one(qs, counters, regions, src, dst, hl):
-    """Forward the next frame of packed TX vring ``src`` to packed RX vring ``dst`` if it is the
-    common case: one descriptor each side, no offload asked, within the MTU, fits one RX buffer.
+    """Forward the next frame of TX vring ``src`` to RX vring ``dst`` (split or packed, either) if
+    it is the common case: one descriptor each side, no offload asked, within the MTU, fits one RX
+    buffer.
     Returns 1 if it did, 0 (nothing changed) for ``_send``'s general path to decide."""
     s, flen, sid = _peek_plain(qs, regions, src, hl, hl)
     if s == 0:
         return 0
     hd = np.uint64(qs[dst]["hdr_len"])
-    d, _, did = P.peek_one(qs, dst, regions, 1, hd + flen)
+    d, _, did = peek_one(qs, dst, regions, 1, hd + flen)
     if d == 0:
         return 0
     _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen)
@@ -497,7 +499,7 @@ def _forward_one(qs, counters, regions, src, dst, hl):
 @inline_kernel
 def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hva, s_len, sc, ob, cap, busy):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them (``hold``:
-    see ``_room``). Between packed rings a frame of the common kind takes ``_forward_one``."""
+    see ``_room``). A frame of the common kind takes ``_forward_one``."""
     capturing = cap[0][K_PORTS] != 0
     opened = busy[BUSY_OPEN] == 0
     n = begin_batch(qs, counters, regions, src, burst, BUF_NONE if mode == MODE_SINK and not capturing else BUF_READ,
@@ -522,9 +524,8 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
     done = 0
     sent = 0
     hl = np.uint64(qs[src]["hdr_len"])
-    # the common case's own path: packed both ways, nothing to capture or log, full headers
-    simple = (dst_ok and not capturing and qs[src]["packed"] and qs[dst]["packed"] and qs[dst]["log_base"] == 0
-              and hl >= 10 and qs[dst]["hdr_len"] >= 10)
+    # the common case's own path: nothing to capture or log, full headers
+    simple = dst_ok and not capturing and qs[dst]["log_base"] == 0 and hl >= 10 and qs[dst]["hdr_len"] >= 10
     for _ in range(limit):
         if simple and dst_ok and _forward_one(qs, counters, regions, src, dst, hl):
             sent += 1

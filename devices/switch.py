@@ -16,6 +16,10 @@ allocation and no deletion. A full window evicts its oldest entry. The data plan
 kernels (``_deliver`` writes a frame into an RX vring; the popped TX chain is delivered to N RX
 vrings and completed once).
 
+A frame of the common kind (one descriptor, no offload asked, one destination port whose RX vring
+has one buffer posted that takes it) has its own path, ``_switch_one``: copied once, straight from
+the TX buffer to the RX buffer, as devices.net's ``_forward_one``. The rest go the general way.
+
 With several queue pairs, a frame from TX queue k goes to RX queue k of the destination port
 (RX queue 0 if k is not ready there), so the frames of one flow stay on one queue.
 """
@@ -46,14 +50,13 @@ from devices.net import (
     too_long,
 )
 from devices.offload import OSTAT_NAMES
-from vring import packed as P
 from vring.dataplane import BUSY_SIZE, ROUNDS, SLEEPS, Worker, account_poll, busy_ends, end_round, running
 from vring.device import Device
 from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_PACKETS
 from vring.ordering import cycles, load_u8
 from vring.protocol import F
-from vring.ring import EMPTY, begin, finish_later, flush_calls, pop, prefetch_batch, put_used
+from vring.ring import EMPTY, begin, finish_later, flush_calls, peek_one, pop, prefetch_batch, put_used
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +133,23 @@ def lookup(mac_key, mac_port, mac_seen, mac, now, age):
 
 
 @inline_kernel
+def macs_at(addr):
+    """(destination, source) MAC of the frame at host address ``addr``, as 48-bit integers in wire
+    order (first byte most significant)."""
+    d = np.uint64(0)
+    s = np.uint64(0)
+    for i in range(6):
+        d = (d << np.uint64(8)) | np.uint64(load_u8(addr + np.uint64(i)))
+        s = (s << np.uint64(8)) | np.uint64(load_u8(addr + np.uint64(6 + i)))
+    return d, s
+
+
+@inline_kernel
 def frame_macs(s_hva, s_len, ns, skip):
-    """(destination, source) MAC of the frame after ``skip`` header bytes, as 48-bit integers in
-    wire order (first byte most significant). The caller knows the frame has 12 bytes."""
+    """``macs_at`` for the frame after ``skip`` header bytes of the pieces s_*[:ns], which may
+    split the MACs. The caller knows the frame has 12 bytes."""
+    if ns > 0 and s_len[0] >= np.uint64(skip) + np.uint64(ETH_MACS):
+        return macs_at(s_hva[0] + np.uint64(skip))
     si = 0
     off = np.uint64(skip)
     d = np.uint64(0)
@@ -168,18 +185,28 @@ def _rx_row(qs, rx_rows, port, k):
 
 
 @inline_kernel
+def _begin_row(qs, regions, row, began, touched, nt):
+    """Begin RX vring ``row``'s batch at the TX batch's first frame for it, and note it in
+    ``touched[:nt]``. Returns (0 or begin's -BROKEN_*, the new number of touched rows)."""
+    if began[row]:
+        return 0, nt
+    b = begin(qs, row, 32)
+    if b < 0:
+        return b, nt
+    prefetch_batch(qs, row, regions, min(b, 32), 1)  # only buffers already posted (devices.net)
+    began[row] = 1
+    touched[nt] = row
+    return 0, nt + 1
+
+
+@inline_kernel
 def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, began, touched, nt, cap):
     """Deliver one frame into RX vring ``row``, beginning its batch if this is its first frame.
     Returns the new number of touched rows."""
-    if not began[row]:
-        b = begin(qs, row, 32)
-        if b < 0:
-            _mark_broken(qs, counters, row, -b)
-            return nt
-        prefetch_batch(qs, row, regions, min(b, 32), 1)  # only buffers already posted (devices.net)
-        began[row] = 1
-        touched[nt] = row
-        nt += 1
+    bad, nt = _begin_row(qs, regions, row, began, touched, nt)
+    if bad < 0:
+        _mark_broken(qs, counters, row, -bad)
+        return nt
     r = _send(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob)  # counts packets, bytes, drops...
     if r == NO_ROOM:
         counters[row, C_DROPS] += 1  # ...but a receiver short of buffers: the switch does not hold frames
@@ -194,10 +221,10 @@ def _to_port(qs, counters, regions, row, s_hva, s_len, ns, hl, flen, sc, ob, beg
 @inline_kernel
 def _switch_one(qs, counters, regions, port, k, src, rx_rows, hl, began, touched, nt, mac_key, mac_port, mac_seen, st,
                 now, age):
-    """Switch the next frame of packed TX vring ``src`` if it is the common case, as devices.net's
+    """Switch the next frame of TX vring ``src`` if it is the common case, as devices.net's
     ``_forward_one`` forwards: one descriptor, no offload asked, within the MTU, one destination
-    port (the learned one, or the only other port when flooding between two) whose RX vring is
-    packed, logs nothing and has one buffer posted that takes it. Returns (1, nt) if it did; (0, nt)
+    port (the learned one, or the only other port when flooding between two) whose RX vring logs
+    nothing and has one buffer posted that takes it. Returns (1, nt) if it did; (0, nt)
     with nothing counted or popped for the general path (an RX batch may have begun, and the source
     may have been learned: learning it again there changes nothing, as ``learn`` at the same ``now``
     is idempotent). Learning comes before the lookup, as in the general path: the two differ when
@@ -205,11 +232,7 @@ def _switch_one(qs, counters, regions, port, k, src, rx_rows, hl, began, touched
     s, flen, sid = _peek_plain(qs, regions, src, hl, hl + np.uint64(ETH_MACS))  # the MACs lie inside it
     if s == 0:
         return 0, nt
-    dmac = np.uint64(0)
-    smac = np.uint64(0)
-    for i in range(6):
-        dmac = (dmac << np.uint64(8)) | np.uint64(load_u8(s + hl + np.uint64(i)))
-        smac = (smac << np.uint64(8)) | np.uint64(load_u8(s + hl + np.uint64(6 + i)))
+    dmac, smac = macs_at(s + hl)
     if not _is_multicast(smac):
         learn(mac_key, mac_port, mac_seen, smac, port, now, age, st)
     out = -1 if _is_multicast(dmac) else lookup(mac_key, mac_port, mac_seen, dmac, now, age)
@@ -220,18 +243,13 @@ def _switch_one(qs, counters, regions, port, k, src, rx_rows, hl, began, touched
     else:
         return 0, nt  # flooded to several ports, or filtered
     row = _rx_row(qs, rx_rows, dest, k)
-    if row < 0 or not qs[row]["packed"] or qs[row]["log_base"] != 0 or qs[row]["hdr_len"] < 10:
+    if row < 0 or qs[row]["log_base"] != 0 or qs[row]["hdr_len"] < 10:
         return 0, nt
-    if not began[row]:
-        b = begin(qs, row, 32)
-        if b < 0:
-            return 0, nt  # the general path marks it broken
-        prefetch_batch(qs, row, regions, min(b, 32), 1)
-        began[row] = 1
-        touched[nt] = row
-        nt += 1
+    bad, nt = _begin_row(qs, regions, row, began, touched, nt)
+    if bad < 0:
+        return 0, nt  # the general path marks it broken
     hd = np.uint64(qs[row]["hdr_len"])
-    d, _, did = P.peek_one(qs, row, regions, 1, hd + flen)
+    d, _, did = peek_one(qs, row, regions, 1, hd + flen)
     if d == 0:
         return 0, nt
     st[S_UNICAST if out >= 0 else S_FLOODED] += 1
@@ -254,8 +272,8 @@ def switch_batch(qs, counters, regions, port, k, rx_rows, tx_rows, burst, one, s
     capturing = cap[0][K_PORTS] != 0
     done = 0
     nt = np.int64(0)
-    # the common case's own path: packed TX, nothing to capture, a full header (_switch_one)
-    simple = not capturing and qs[src]["packed"] and hl >= 10
+    # the common case's own path: nothing to capture, a full header (_switch_one)
+    simple = not capturing and hl >= 10
     for _ in range(burst):
         if simple:
             one_done, nt = _switch_one(qs, counters, regions, port, k, src, rx_rows, hl, began, touched, nt, mac_key,

@@ -1,22 +1,23 @@
-"""The switch's own path for the common packed frame (devices.switch._switch_one) against its
-general path, on random and hostile rings (the rings and frames of test_packed_forward).
+"""The switch's own path for the common frame (devices.switch._switch_one) against its general
+path, on random and hostile rings, split or packed (the rings and frames of test_forward_fast_path).
 
-``switch_batch`` takes a frame through ``_switch_one`` when the TX vring is packed and nothing is
-captured; a capture that is on for another port (it records nothing here) sends every frame
-through the general path (``pop``, ``learn``, ``lookup``, ``_to_port``). Port 0 sends on the TX
-vring, port 1 receives on the RX vring. Before the batch, some frames' destination MACs are
-learned on port 0 (filtered), on port 1 (unicast) or not at all (flooded to port 1). One batch runs
-both ways from the same state: the result, the queue state, the counters, the MAC table, the
-switch's stats and every byte of guest memory must be the same.
+``switch_batch`` takes a frame through ``_switch_one`` when nothing is captured; a capture that is
+on for another port (it records nothing here) sends every frame through the general path
+(``pop``, ``learn``, ``lookup``, ``_to_port``). Port 0 sends on the TX vring, port 1 receives on
+the RX vring. Before the batch, some frames' destination MACs are learned on port 0 (filtered),
+on port 1 (unicast) or not at all (flooded to port 1). One batch runs both ways from the same
+state: the result, the queue state, the counters, the MAC table, the switch's stats and every
+byte of guest memory must be the same.
 """
 from __future__ import annotations
 
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_packed_forward import GPA0, REGION, RX, TX, TX_DESC, Guest, both_ways, scenario
+from test_forward_fast_path import GPA0, REGION, RX, TX, TX_DESC, Guest, both_ways, scenario
 
 from devices.capture import CTL_SIZE, K_NVQ, K_PORTS
 from devices.capture import empty as no_capture
@@ -67,7 +68,7 @@ class SwitchGuest(Guest):
         if general:
             cap = (np.zeros(CTL_SIZE, np.int64), cap[1], cap[2])
             cap[0][K_PORTS], cap[0][K_NVQ] = 1 << 5, 2  # capturing a port that isn't here: nothing recorded
-        scratch = switch_scratch(0, 2, np.zeros(8, np.uint64))
+        scratch = self.scratch = switch_scratch(0, 2, np.zeros(8, np.uint64))
         return run_switch(self.qs, self.counters, self.regions, burst, scratch, self.mac_key, self.mac_port,
                           self.mac_seen, self.params, self.sw, cap, np.zeros(BUSY_SIZE, np.uint64))
 
@@ -92,16 +93,24 @@ def test_common_frame_path_equals_the_general_path(sc):
     check(sc)
 
 
-def test_the_common_frame_path_switches_and_is_checked():
+@pytest.mark.parametrize("tx_packed", [False, True], ids=["tx-split", "tx-packed"])
+@pytest.mark.parametrize("rx_packed", [False, True], ids=["rx-split", "rx-packed"])
+def test_the_common_frame_path_switches_and_is_checked(tx_packed, rx_packed):
     """Plain cases through both paths: 4 one-descriptor frames into 4 big RX buffers, their
     destinations learned on port 1 (unicast), not at all (flooded to port 1) or on port 0
-    (filtered), so the equality above is not only ever about frames neither path moved. (The
+    (filtered), so the equality above is not only ever about frames neither path moved; and on its
+    own, the batch took the common path for the 3 frames delivered (the filtered one goes the
+    general way: the general path's pieces, s_hva, hold that one frame only). (The
     4 frames' MACs are distinct and unicast: their bytes count up from 12 mod 64, and repeat from
     the fifth frame on.)"""
     sc = dict(size=8, hl_tx=12, hl_rx=12, tx=[([("buf", 12 + 64, 0)], None)] * 4, tx_hdr=[0] * 8,
               rx=[[("buf", 2048, DESC_F_WRITE)]] * 4, tx_start=(0, 1), rx_start=(7, 0), mrg=1, in_order=1,
-              max_frame=0, burst=32, unavail_at=8, learn=[1, None, 0, None, None, None, None, None])
+              max_frame=0, burst=32, unavail_at=8, learn=[1, None, 0, None, None, None, None, None],
+              tx_packed=tx_packed, rx_packed=rx_packed, bad_head_at=None)
     done, counters, sw = check(sc)
     assert done == 4
     assert (sw[S_UNICAST], sw[S_FLOODED], sw[S_FILTERED]) == (1, 2, 1)
     assert counters[TX, C_PACKETS] == 4 and counters[RX, C_PACKETS] == 3  # 1 unicast + 2 flooded delivered
+    g = SwitchGuest(sc)
+    assert g.run(32, general=False) == 4
+    assert np.count_nonzero(g.scratch[3]) == 1, "more than the filtered frame went through pop"

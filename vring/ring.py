@@ -65,6 +65,27 @@ def pop(qs, q, regions, writable, seg_hva, seg_len, n):
 
 
 @inline_kernel
+def peek_one(qs, q, regions, writable, need):
+    """The next chain if it is the common kind (one direct descriptor of the given direction, at
+    least ``need`` bytes, inside one region): (host address, length, id), or address 0 for ``pop``
+    to decide. Nothing moves until ``take_one``."""
+    if qs[q]["packed"]:
+        return P.peek_one(qs, q, regions, writable, need)
+    return S.peek_one(qs, q, regions, writable, need)
+
+
+@inline_kernel
+def take_one(qs, q, buf_id):
+    """Pop the chain ``peek_one`` found (``buf_id``: the id it returned)."""
+    if qs[q]["packed"]:
+        P.take_one(qs, q)
+    else:
+        qs[q]["t_count"] += 1
+        if qs[q]["inflight"]:
+            I.mark(qs, q, buf_id)
+
+
+@inline_kernel
 def cursor(qs, q):
     """The tentative pop position, for ``rollback``."""
     return (np.int64(qs[q]["t_count"]) << 17) | (np.int64(qs[q]["t_wrap"]) << 16) | np.int64(qs[q]["t_idx"])

@@ -199,6 +199,28 @@ def avail_head(qs, q, i):
 
 
 @inline_kernel
+def peek_one(qs, q, regions, writable, need):
+    """packed.peek_one for a split ring: the next chain of the batch if it is one direct descriptor
+    of the given direction, at least ``need`` bytes long, inside one region. Returns (host address,
+    length, head), or host address 0 (none known available since the batch's last count, or
+    unusual: ``pop`` decides). Nothing moves until ring.take_one."""
+    t = np.int64(qs[q]["t_count"])
+    if t >= np.int64(qs[q]["avail_cache"]):
+        return np.uint64(0), np.uint64(0), 0
+    head = avail_head(qs, q, t)
+    if head < 0:
+        return np.uint64(0), np.uint64(0), 0
+    d = qs[q]["desc"] + np.uint64(16 * head)
+    fl = load_u16(d + np.uint64(12))  # loaded once: the tests below must see one value
+    if fl & (DESC_F_NEXT | DESC_F_INDIRECT | DESC_F_WRITE) != (DESC_F_WRITE if writable else 0):
+        return np.uint64(0), np.uint64(0), 0
+    ln = np.uint64(load_u32(d + np.uint64(8)))
+    if ln < need:
+        return np.uint64(0), np.uint64(0), 0
+    return translate_one(regions, qs[q]["mem"], load_u64(d), ln), ln, head
+
+
+@inline_kernel
 def _store_used(qs, q, i, head, length):
     """Write the i-th pending used element into its slot of the used ring (not yet published)."""
     slot = (np.int64(qs[q]["used_idx"]) + i) & (np.int64(qs[q]["size"]) - 1)

@@ -1,20 +1,21 @@
-"""The packed forward's own path for the common frame (devices.net._forward_one) against the
-general path, on random and hostile rings.
+"""The forward's own path for the common frame (devices.net._forward_one) against the general
+path, on random and hostile rings.
 
-``_forward_batch`` takes a frame through ``_forward_one`` when both vrings are packed and nothing
-is captured; a capture that is on for another port (it records nothing here) sends every frame
-through the general path (``pop``, ``_send``, ``_deliver``). Hypothesis builds a TX and an RX
-packed ring in one guest memory of two regions, with frames of every shape (one descriptor,
-header apart, indirect, offload flags, runts, over the MTU, WRITE on a TX descriptor, addresses
-outside or across the regions, not available) and RX buffers of every shape (short, chained,
-read-only, outside memory), and runs one batch both ways from the same starting state: the
-result, the queue state, the counters and every byte of guest memory must be the same.
+``_forward_batch`` takes a frame through ``_forward_one`` when nothing is captured; a capture that
+is on for another port (it records nothing here) sends every frame through the general path
+(``pop``, ``_send``, ``_deliver``). Hypothesis builds a TX and an RX ring, each split or packed, in
+one guest memory of two regions, with frames of every shape (one descriptor, header apart,
+indirect, offload flags, runts, over the MTU, WRITE on a TX descriptor, addresses outside or
+across the regions, not available, a split head out of range) and RX buffers of every shape
+(short, chained, read-only, outside memory), and runs one batch both ways from the same starting
+state: the result, the queue state, the counters and every byte of guest memory must be the same.
 """
 from __future__ import annotations
 
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +40,8 @@ RX, TX = 0, 1
 GPA0, GPA1 = 0x100000, 0x110000  # two adjacent 64 KiB regions: a buffer may straddle them
 REGION = 0x10000
 TX_DESC, RX_DESC, EVENTS, INDIRECT, BUFS = 0x0, 0x400, 0x800, 0x1000, 0x2000  # offsets in region 0
+SPLIT_RINGS = 0xC00  # a split ring's avail ring at +0x200 * row, its used ring 0x100 after it
+SPLIT_BASE = 0xFFF8  # a split ring's free-running indexes start this far below 2**16: they wrap
 NOWHERE = 0x9000000  # no region there
 
 
@@ -90,10 +93,13 @@ def rx_chain(draw):
 
 @st.composite
 def scenario(draw):
-    size = draw(st.integers(2, 16))
+    tx_packed, rx_packed = draw(st.booleans()), draw(st.booleans())
+    # a split ring's size is a power of two
+    size = draw(st.integers(2, 16) if tx_packed and rx_packed else st.sampled_from([2, 4, 8, 16]))
     hl_tx, hl_rx = draw(st.sampled_from([10, 12])), draw(st.sampled_from([10, 12]))
     return dict(
-        size=size, hl_tx=hl_tx, hl_rx=hl_rx,
+        size=size, hl_tx=hl_tx, hl_rx=hl_rx, tx_packed=tx_packed, rx_packed=rx_packed,
+        bad_head_at=draw(st.sampled_from([None] * 4 + list(range(size)))),  # split: that chain's head >= size
         tx=[draw(tx_chain(hl_tx)) for _ in range(draw(st.integers(0, size)))],
         tx_hdr=[draw(st.sampled_from([0] * 6 + [0x0001, 0x0100, 0x0302, 0x00FE])) for _ in range(size)],
         rx=[draw(rx_chain()) for _ in range(draw(st.integers(0, size)))],
@@ -106,7 +112,8 @@ def scenario(draw):
 
 
 class Guest:
-    """Two regions of one numpy buffer, the region table and the qstate of one TX and one RX ring."""
+    """Two regions of one numpy buffer, the region table and the qstate of one TX and one RX ring
+    (packed, or split with the avail and used rings at SPLIT_RINGS)."""
 
     def __init__(self, sc: dict):
         self.mem = np.zeros(2 * REGION, np.uint8)
@@ -118,14 +125,19 @@ class Guest:
         self.counters = np.zeros((2, N_COUNTERS), np.uint64)
         self.next_buf = {False: GPA0 + BUFS, True: GPA1 + 0x1000}  # TX buffers in region 0, RX in 1
         size = sc["size"]
-        for row, off, hl, (idx, wrap) in ((TX, TX_DESC, sc["hl_tx"], sc["tx_start"]),
-                                          (RX, RX_DESC, sc["hl_rx"], sc["rx_start"])):
+        for row, off, hl, (idx, wrap), packed in ((TX, TX_DESC, sc["hl_tx"], sc["tx_start"], sc["tx_packed"]),
+                                                  (RX, RX_DESC, sc["hl_rx"], sc["rx_start"], sc["rx_packed"])):
             q = self.qs[row]
-            q["size"], q["desc"], q["avail"] = size, base + off, base + EVENTS + 8 * row
-            q["used"], q["hdr_len"], q["ready"], q["packed"] = base + EVENTS + 4 + 8 * row, hl, 1, 1
-            q["last_avail_idx"], q["avail_wrap"], q["used_idx"], q["used_wrap"] = idx, wrap, idx, wrap
+            q["size"], q["desc"], q["hdr_len"], q["ready"], q["packed"] = size, base + off, hl, 1, packed
             q["in_order"] = sc["in_order"]
-            self.mem[EVENTS + 8 * row + 2] = RING_EVENT_FLAGS_DISABLE
+            if packed:
+                q["avail"], q["used"] = base + EVENTS + 8 * row, base + EVENTS + 4 + 8 * row
+                q["last_avail_idx"], q["avail_wrap"], q["used_idx"], q["used_wrap"] = idx, wrap, idx, wrap
+                self.mem[EVENTS + 8 * row + 2] = RING_EVENT_FLAGS_DISABLE
+            else:
+                q["avail"], q["used"] = base + SPLIT_RINGS + 0x200 * row, base + SPLIT_RINGS + 0x200 * row + 0x100
+                q["last_avail_idx"] = q["used_idx"] = (SPLIT_BASE + idx + size * wrap) & 0xFFFF
+                self.mem[SPLIT_RINGS + 0x200 * row] = 1  # VRING_AVAIL_F_NO_INTERRUPT
         self.qs[RX]["mrg_rxbuf"] = sc["mrg"]
         self.qs[TX]["max_frame"] = sc["max_frame"]
         self._post(TX, TX_DESC, sc["tx"], sc, sc["tx_start"], sc["unavail_at"])
@@ -148,38 +160,61 @@ class Guest:
             self.mem[off : off + 2] = np.frombuffer(struct.pack("<H", hdr), np.uint8)
 
     def _post(self, row, off, chains, sc, start, unavail_at):
+        """Write the chains into the ring from ``start`` on; descriptors from slot ``unavail_at`` on
+        are not made available (split: the chains they belong to)."""
         size = sc["size"]
+        packed = sc["tx_packed" if row == TX else "rx_packed"]
         idx, wrap = start
         slot = 0
+        heads = []  # split: the heads of the chains made available
         for ci, (descs, table) in enumerate(chains):
+            head = idx
             for k, (where, ln, fl) in enumerate(descs):
                 if slot == size:
-                    return
+                    break
                 if where == "table":
                     gpa = GPA0 + INDIRECT + 32 * (ci % 64)
                     for j, (w2, l2, f2) in enumerate(table):
                         a2 = self._addr(w2, l2, False)
                         self._fill(a2, l2, sc["tx_hdr"][ci] if j == 0 else 0)
+                        more = 0 if packed or j == len(table) - 1 else DESC_F_NEXT  # split tables link
                         self.mem[gpa - GPA0 + 16 * j : gpa - GPA0 + 16 * j + 16] = np.frombuffer(
-                            struct.pack("<QIHH", a2, l2, 0, f2), np.uint8)
+                            struct.pack("<QIHH", a2, l2, *((0, f2) if packed else (f2 | more, j + 1))), np.uint8)
                 else:
                     gpa = self._addr(where, ln, row == RX)
                     if where != "nowhere" and row == TX:
                         self._fill(gpa, ln, sc["tx_hdr"][ci] if k == 0 else 0)
-                bits = avail(wrap) if slot < unavail_at else avail(wrap ^ 1)
                 d = off + 16 * idx
-                self.mem[d : d + 16] = np.frombuffer(struct.pack("<QIHH", gpa, ln, 100 + ci, fl | bits), np.uint8)
+                if packed:
+                    bits = avail(wrap) if slot < unavail_at else avail(wrap ^ 1)
+                    fields = (gpa, ln, 100 + ci, fl | bits)
+                else:
+                    fields = (gpa, ln, fl, (idx + 1) % size)
+                self.mem[d : d + 16] = np.frombuffer(struct.pack("<QIHH", *fields), np.uint8)
                 slot += 1
                 idx += 1
                 if idx == size:
                     idx, wrap = 0, wrap ^ 1
+            else:  # the whole chain was written
+                if slot <= unavail_at:
+                    heads.append(size + 5 if ci == sc["bad_head_at"] else head)
+                continue
+            break
+        if not packed:
+            q = self.qs[row]
+            ring = q["avail"] - self.mem.ctypes.data
+            first = int(q["last_avail_idx"])
+            for k, h in enumerate(heads):
+                s = ring + 4 + 2 * ((first + k) % size)
+                self.mem[s : s + 2] = np.frombuffer(struct.pack("<H", h), np.uint8)
+            self.mem[ring + 2 : ring + 4] = np.frombuffer(struct.pack("<H", (first + len(heads)) & 0xFFFF), np.uint8)
 
     def run(self, burst: int, general: bool):
         cap = no_capture()
         if general:
             cap = (np.zeros(CTL_SIZE, np.int64), cap[1], cap[2])
             cap[0][K_PORTS], cap[0][K_NVQ] = 1 << 5, 2  # capturing a port that isn't here: nothing recorded
-        scratch = loop_scratch(0, np.zeros(8, np.uint64))
+        scratch = self.scratch = loop_scratch(0, np.zeros(8, np.uint64))
         return forward(self.qs, self.counters, self.regions, burst, scratch, cap, np.zeros(BUSY_SIZE, np.uint64))
 
     def state(self):
@@ -218,11 +253,17 @@ def test_common_frame_path_equals_the_general_path(sc):
     check(sc)
 
 
-def test_the_common_frame_path_forwards_and_is_checked():
+@pytest.mark.parametrize("tx_packed", [False, True], ids=["tx-split", "tx-packed"])
+@pytest.mark.parametrize("rx_packed", [False, True], ids=["rx-split", "rx-packed"])
+def test_the_common_frame_path_forwards_and_is_checked(tx_packed, rx_packed):
     """A plain case through both paths: 3 one-descriptor frames into 3 big RX buffers, delivered,
-    so the equality above is not only ever about frames neither path moved."""
+    so the equality above is not only ever about frames neither path moved; and on its own, the
+    batch took the common path for all three (the general path's pieces, s_hva, stay unwritten)."""
     sc = dict(size=8, hl_tx=12, hl_rx=12, tx=[([("buf", 12 + 64, 0)], None)] * 3, tx_hdr=[0] * 8,
               rx=[[("buf", 2048, DESC_F_WRITE)]] * 3, tx_start=(6, 1), rx_start=(7, 0), mrg=1, in_order=1,
-              max_frame=0, burst=32, unavail_at=8)
+              max_frame=0, burst=32, unavail_at=8, tx_packed=tx_packed, rx_packed=rx_packed, bad_head_at=None)
     done, delivered = check(sc)
     assert done == 3 and delivered == 3
+    g = Guest(sc)
+    assert g.run(32, general=False) == 3
+    assert not g.scratch[3].any(), "a frame went through pop"
