@@ -627,7 +627,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--bursts", default="1,8,32,64")
     ap.add_argument("--sizes", default="64,512,1500")
     ap.add_argument("--variants", default="split",
-                    help="split,packed,2q: ring layout / queue pairs (packed and 2q with the testpmd frontend only)")
+                    help="split,packed,2q: ring layout / queue pairs (both front-ends)")
     ap.add_argument("--backends", default="vring,dpdk",
                     help="vring,dpdk: both for a ratio; one alone when comparing builds of vring")
     ap.add_argument("--reps", type=int, default=3)

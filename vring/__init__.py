@@ -15,7 +15,8 @@ def _use_source_keyed_cache() -> None:
     numba checks only the timestamp of the file a cached function is defined in, not the files
     of the kernels it inlined: after an upgrade or an edit of vring/split.py, devices/net.py's
     cached loop would still run the old kernels. A directory per source hash can't go stale.
-    An explicit NUMBA_CACHE_DIR wins.
+    The directories live under $VRING_CACHE_HOME (bench/ keeps its own there), else the user's
+    cache directory. An explicit NUMBA_CACHE_DIR wins.
     """
     if os.environ.get("NUMBA_CACHE_DIR"):
         return
@@ -25,10 +26,11 @@ def _use_source_keyed_cache() -> None:
         for f in sorted(pkg.glob("*.py")):
             h.update(f.name.encode())
             h.update(f.read_bytes())
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    home = os.environ.get("VRING_CACHE_HOME")
+    base = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vring"
     from numba.core import config
 
-    config.CACHE_DIR = str(base / "vring" / f"numba-{h.hexdigest()[:16]}")
+    config.CACHE_DIR = str(base / f"numba-{h.hexdigest()[:16]}")
 
 
 _use_source_keyed_cache()
