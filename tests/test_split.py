@@ -26,6 +26,10 @@ from vring.layout import (
     used_dtype,
 )
 from vring.memory import MAX_REGIONS
+from vring.ring import begin as ring_begin
+from vring.ring import peek_one as ring_peek_one
+from vring.ring import pop as ring_pop
+from vring.ring import take_one as ring_take_one
 from vring.split import (
     BROKEN_ADDRESS,
     BROKEN_AVAIL_JUMP,
@@ -594,6 +598,30 @@ def test_put_used_and_publish_used_wrap():
     put_used(r.qs, 0, 0, 1, 42)
     flush_used(r.qs, 0)
     assert tuple(r.used["ring"][0, 1]) == (1, 42) and r.used["idx"][0] == 0x1234
+
+
+def test_peek_one_sees_chains_added_during_a_batch():
+    """ring.peek_one (the common frame's path) reads the avail index again once the count
+    ``begin`` took is used up, as ``pop`` does: a chain the driver adds mid-batch takes the same
+    path as the first, and a jump past the queue size stops both."""
+    reset_memory()
+    gwrite(MAIN_GPA, pack([(R0.gpa, 64, 0, 0), (R0.gpa + 128, 100, 0, 0)]))
+    r = Ring(8, last_avail=65535)
+    r.avail["ring"][0, 7] = 0  # the slot of index 65535
+    r.avail["idx"] = 0
+    assert ring_begin(r.qs, 0, 32) == 1
+    assert ring_peek_one(r.qs, 0, REGIONS, 0, 64) == (at(R0), 64, 0)
+    ring_take_one(r.qs, 0, 0)
+    assert ring_peek_one(r.qs, 0, REGIONS, 0, 64)[0] == 0  # nothing more yet
+    r.avail["ring"][0, 0] = 1  # the driver adds a chain
+    r.avail["idx"] = 1
+    assert ring_peek_one(r.qs, 0, REGIONS, 0, 64) == (at(R0, 128), 100, 1)
+    assert r.q["avail_cache"] == 2 and r.q["t_count"] == 1  # nothing taken by looking
+    ring_take_one(r.qs, 0, 1)
+    r.avail["idx"] = 20  # more than the queue holds
+    assert ring_peek_one(r.qs, 0, REGIONS, 0, 64)[0] == 0
+    seg = np.zeros(4, np.uint64)
+    assert ring_pop(r.qs, 0, REGIONS, 0, seg, seg.copy(), 0)[0] == -BROKEN_AVAIL_JUMP
 
 
 def test_batch_longer_than_the_shadow():

@@ -23,8 +23,8 @@ from vring.ring import has_work, set_kicks
 
 log = logging.getLogger(__name__)
 
-# control array slots (int64)
-CMD, WAKE_FD, IDLE_ROUNDS, SLEEP_MS, ROUNDS, BUSY_ROUNDS, SLEEPS = range(7)
+# control array slots (int64); LAST_ROUND: the loop returns by itself once ROUNDS reaches it (0: never)
+CMD, WAKE_FD, IDLE_ROUNDS, SLEEP_MS, ROUNDS, BUSY_ROUNDS, SLEEPS, LAST_ROUND = range(8)
 CTRL_SIZE = 16
 RUN, PAUSE = 1, 0
 POLLIN = 1
@@ -134,6 +134,8 @@ def end_round(ctrl, qs, watch, pollfds, buf, work, idle):
     """Account a polling round that moved ``work`` frames; after ``ctrl[IDLE_ROUNDS]`` empty rounds
     in a row, sleep on the watched queues' kicks. Returns the new count of empty rounds."""
     ctrl[ROUNDS] += 1
+    if ctrl[ROUNDS] == ctrl[LAST_ROUND]:
+        ctrl[CMD] = PAUSE  # the rounds a caller of run_rounds asked for are done
     if work > 0:
         ctrl[BUSY_ROUNDS] += 1
         return 0
@@ -149,6 +151,18 @@ def end_round(ctrl, qs, watch, pollfds, buf, work, idle):
         idle_sleep(ctrl, qs, watch, pollfds, buf)
         return 0
     return idle
+
+
+def run_rounds(loop: Callable, rounds: int, *args) -> np.ndarray:
+    """Run a device's data-plane loop (``loop(ctrl, *args)``, the function its Worker runs) for
+    exactly ``rounds`` rounds in this thread, polling, never sleeping; returns its control array.
+    For tests and measurements of the loop itself."""
+    ctrl = np.zeros(CTRL_SIZE, dtype=np.int64)
+    ctrl[CMD] = RUN
+    ctrl[WAKE_FD] = -1
+    ctrl[LAST_ROUND] = rounds
+    loop(ctrl, *args)
+    return ctrl
 
 
 class Worker:

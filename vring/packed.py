@@ -44,12 +44,12 @@ from vring.split import (
     BROKEN_INDIRECT_LEN,
     BROKEN_INDIRECT_NESTED,
     BROKEN_INDIRECT_NEXT,
+    EMPTY,
     MAX_INDIRECT,
+    one_direct,
     translate,
     translate_one,
 )
-
-EMPTY = -1000  # no chain available (not an error)
 
 
 @inline_kernel
@@ -151,15 +151,12 @@ def peek_one(qs, q, regions, writable, need):
     buffer id), or host address 0 when it isn't (none available, or unusual: ``pop`` decides).
     Nothing moves until ``take_one``."""
     d = qs[q]["desc"] + np.uint64(16 * np.int64(qs[q]["t_idx"]))
-    fl = load_u16_acquire(d + np.uint64(14))  # loaded once: the tests below must see one value
+    fl = load_u16_acquire(d + np.uint64(14))  # loaded once: the tests must see one value
     if not flags_avail(fl, qs[q]["t_wrap"]):
         return np.uint64(0), np.uint64(0), 0
-    if fl & (DESC_F_NEXT | DESC_F_INDIRECT | DESC_F_WRITE) != (DESC_F_WRITE if writable else 0):
-        return np.uint64(0), np.uint64(0), 0
-    ln = np.uint64(load_u32(d + np.uint64(8)))
-    if ln < need:
-        return np.uint64(0), np.uint64(0), 0
-    hva = translate_one(regions, qs[q]["mem"], load_u64(d), ln)
+    hva, ln = one_direct(d, fl, writable, need, regions, qs[q]["mem"])
+    if hva == 0:
+        return hva, ln, 0
     return hva, ln, np.int64(load_u16(d + np.uint64(12)))
 
 

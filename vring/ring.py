@@ -18,7 +18,7 @@ from vring.jit import inline_kernel, kernel
 from vring.layout import C_BATCHES, C_CALLS
 from vring.ordering import fence_seq_cst, load_u16, load_u64, prefetch_read, prefetch_write, sys_write
 
-EMPTY = P.EMPTY
+EMPTY = S.EMPTY
 # what prefetch_batch does with each chain's first buffer lines: the device reads them (TX chains
 # it forwards), writes them (RX chains), or leaves them alone (a sink never reads the payload,
 # and reading a line the driver is about to rewrite only makes the driver wait for it back)
@@ -40,27 +40,25 @@ def begin(qs, q, limit):
 
 
 @inline_kernel
+def _took_split(qs, q, head):
+    """Record a popped split chain: one more taken this batch, in flight if the driver tracks them."""
+    qs[q]["t_count"] += 1
+    if qs[q]["inflight"]:
+        I.mark(qs, q, head)
+
+
+@inline_kernel
 def pop(qs, q, regions, writable, seg_hva, seg_len, n):
     """The next chain mapped into seg_*[n:]: (new n, total bytes, id, descriptors), (EMPTY, ...) or (-BROKEN_*, ...)."""
     if qs[q]["packed"]:
         return P.pop(qs, q, regions, writable, seg_hva, seg_len, n)
-    t = np.int64(qs[q]["t_count"])
-    if t >= np.int64(qs[q]["avail_cache"]):
-        a = S.avail_count(qs, q)  # the driver may have added chains since the batch began
-        if a < 0:
-            return a, np.uint64(0), 0, 0
-        qs[q]["avail_cache"] = a
-        if t >= a:
-            return EMPTY, np.uint64(0), 0, 0
-    head = S.avail_head(qs, q, t)
+    head = S.next_head(qs, q)
     if head < 0:
         return head, np.uint64(0), 0, 0
     m, total = S.walk_chain(qs, q, regions, head, writable, seg_hva, seg_len, n)
     if m < 0:
         return m, total, 0, 0
-    qs[q]["t_count"] = t + 1
-    if qs[q]["inflight"]:
-        I.mark(qs, q, head)
+    _took_split(qs, q, head)
     return m, total, head, 1
 
 
@@ -80,9 +78,7 @@ def take_one(qs, q, buf_id):
     if qs[q]["packed"]:
         P.take_one(qs, q)
     else:
-        qs[q]["t_count"] += 1
-        if qs[q]["inflight"]:
-            I.mark(qs, q, buf_id)
+        _took_split(qs, q, buf_id)
 
 
 @inline_kernel

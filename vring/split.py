@@ -37,6 +37,7 @@ from vring.ordering import (
 MAX_SEGS = 1024  # contiguous pieces one chain may map to
 MAX_INDIRECT = 1024  # entries in one indirect table
 
+EMPTY = -1000  # no chain available (not an error; below every -BROKEN_*)
 BROKEN_AVAIL_JUMP = 1
 BROKEN_HEAD_RANGE = 2
 BROKEN_NEXT_RANGE = 3
@@ -199,25 +200,47 @@ def avail_head(qs, q, i):
 
 
 @inline_kernel
-def peek_one(qs, q, regions, writable, need):
-    """packed.peek_one for a split ring: the next chain of the batch if it is one direct descriptor
-    of the given direction, at least ``need`` bytes long, inside one region. Returns (host address,
-    length, head), or host address 0 (none known available since the batch's last count, or
-    unusual: ``pop`` decides). Nothing moves until ring.take_one."""
+def next_head(qs, q):
+    """The head of the batch's next chain: the ``t_count``-th unpopped one. Once the count
+    ``begin`` took is used up, the avail index is read again (the driver may have added chains
+    since). Returns the head, EMPTY, or -BROKEN_*."""
     t = np.int64(qs[q]["t_count"])
     if t >= np.int64(qs[q]["avail_cache"]):
-        return np.uint64(0), np.uint64(0), 0
-    head = avail_head(qs, q, t)
+        a = avail_count(qs, q)
+        if a < 0:
+            return a
+        qs[q]["avail_cache"] = a
+        if t >= a:
+            return EMPTY
+    return avail_head(qs, q, t)
+
+
+@inline_kernel
+def one_direct(d, fl, writable, need, regions, mem):
+    """The buffer of descriptor ``d`` (its flags ``fl`` loaded once by the caller, so every test
+    sees one value) if it is a chain of its own, direct, of the given direction, at least ``need``
+    bytes long and inside one region: (host address, length), or host address 0. Both formats'
+    ``peek_one``; the descriptor's address and length are at the same offsets in both."""
+    if fl & (DESC_F_NEXT | DESC_F_INDIRECT | DESC_F_WRITE) != (DESC_F_WRITE if writable else 0):
+        return np.uint64(0), np.uint64(0)
+    ln = np.uint64(load_u32(d + np.uint64(8)))
+    if ln < need:
+        return np.uint64(0), np.uint64(0)
+    return translate_one(regions, mem, load_u64(d), ln), ln
+
+
+@inline_kernel
+def peek_one(qs, q, regions, writable, need):
+    """packed.peek_one for a split ring: the batch's next chain if it is one direct descriptor of
+    the given direction, at least ``need`` bytes long, inside one region. Returns (host address,
+    length, head), or host address 0 (none available, or unusual: ``pop`` decides). Nothing moves
+    until ring.take_one."""
+    head = next_head(qs, q)
     if head < 0:
         return np.uint64(0), np.uint64(0), 0
     d = qs[q]["desc"] + np.uint64(16 * head)
-    fl = load_u16(d + np.uint64(12))  # loaded once: the tests below must see one value
-    if fl & (DESC_F_NEXT | DESC_F_INDIRECT | DESC_F_WRITE) != (DESC_F_WRITE if writable else 0):
-        return np.uint64(0), np.uint64(0), 0
-    ln = np.uint64(load_u32(d + np.uint64(8)))
-    if ln < need:
-        return np.uint64(0), np.uint64(0), 0
-    return translate_one(regions, qs[q]["mem"], load_u64(d), ln), ln, head
+    hva, ln = one_direct(d, load_u16(d + np.uint64(12)), writable, need, regions, qs[q]["mem"])
+    return hva, ln, head
 
 
 @inline_kernel
