@@ -211,15 +211,22 @@ class Guest:
             self.mem[ring + 2 : ring + 4] = np.frombuffer(struct.pack("<H", (first + len(heads)) & 0xFFFF), np.uint8)
 
     def run(self, burst: int, general: bool):
-        cap = no_capture()
-        if general:
-            cap = (np.zeros(CTL_SIZE, np.int64), cap[1], cap[2])
-            cap[0][K_PORTS], cap[0][K_NVQ] = 1 << 5, 2  # capturing a port that isn't here: nothing recorded
+        cap, polls, busy = self.loop_arrays(burst, general)
         scratch = self.scratch = loop_scratch(len(WATCH), np.zeros(8, np.uint64))
-        polls, busy = np.zeros(burst + 1, np.int64), np.zeros(BUSY_SIZE, np.uint64)
         run_rounds(net_loop, 1, self.qs, self.counters, self.regions, LINKS, ROWS, WATCH, FRAME, burst, 0, polls,
                    busy, cap, scratch)
         return self.poll_result(polls, busy)
+
+    @staticmethod
+    def loop_arrays(burst: int, general: bool) -> tuple:
+        """The loop's capture arrays and self-measurement (polls, busy) for one run. ``general``:
+        capture on for a port that isn't here, which records nothing but sends every frame
+        through the general path."""
+        cap = no_capture()
+        if general:
+            cap = (np.zeros(CTL_SIZE, np.int64), cap[1], cap[2])
+            cap[0][K_PORTS], cap[0][K_NVQ] = 1 << 5, 2
+        return cap, np.zeros(burst + 1, np.int64), np.zeros(BUSY_SIZE, np.uint64)
 
     @staticmethod
     def poll_result(polls, busy) -> tuple[int, tuple]:

@@ -19,18 +19,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_forward_fast_path import GPA0, REGION, RX, TX, TX_DESC, Guest, both_ways, scenario
+from test_forward_fast_path import GPA0, REGION, ROWS, RX, TX, TX_DESC, WATCH, Guest, both_ways, scenario
 
-from devices.capture import CTL_SIZE, K_NVQ, K_PORTS
-from devices.capture import empty as no_capture
 from devices.switch import S_FILTERED, S_FLOODED, S_UNICAST, SWSTAT_NAMES, learn, switch_loop, switch_scratch
-from vring.dataplane import BUSY_SIZE, run_rounds
+from vring.dataplane import run_rounds
 from vring.layout import C_PACKETS, DESC_F_WRITE
 
 RX_ROWS = np.array([[-1], [RX]], np.int64)  # port 0 receives nothing here; port 1 on the RX vring
 TX_ROWS = np.array([[TX], [-1]], np.int64)
-ROWS = np.array([RX, TX], np.int64)
-WATCH = np.array([TX], np.int64)
 
 
 @st.composite
@@ -59,12 +55,8 @@ class SwitchGuest(Guest):
                   np.zeros(len(SWSTAT_NAMES), np.uint64))
 
     def run(self, burst: int, general: bool):
-        cap = no_capture()
-        if general:
-            cap = (np.zeros(CTL_SIZE, np.int64), cap[1], cap[2])
-            cap[0][K_PORTS], cap[0][K_NVQ] = 1 << 5, 2  # capturing a port that isn't here: nothing recorded
+        cap, polls, busy = self.loop_arrays(burst, general)
         scratch = self.scratch = switch_scratch(len(WATCH), 2, np.zeros(8, np.uint64))
-        polls, busy = np.zeros(burst + 1, np.int64), np.zeros(BUSY_SIZE, np.uint64)
         run_rounds(switch_loop, 1, self.qs, self.counters, self.regions, RX_ROWS, TX_ROWS, ROWS, WATCH, burst,
                    self.mac_key, self.mac_port, self.mac_seen, self.params, self.sw, polls, busy, cap, scratch)
         return self.poll_result(polls, busy)
