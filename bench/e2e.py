@@ -34,6 +34,8 @@ testpmd front-end counts its own bursts too (``fe_bursts``: how full its RX and 
         --bursts 1,8,32 --sizes 64      # same offered load (4 Mpps per TX queue): compare headroom
     /tmp/venv/bin/python bench/e2e.py --frontends testpmd --variants packed --dirs loop --bursts 32 \\
         --sizes 64 --vring-args '--hold-us 0'   # one setting of vring net; alternate with the default
+    /tmp/venv/bin/python bench/e2e.py --merge a/e2e.json b/e2e.json:packed --note '...' --out c
+        # one set from several calls (more reps of some cells, another call's packed runs)
 
 Writes bench/results/e2e.json (every run and a summary per configuration) and
 bench/results/e2e_ratio.png (vring/DPDK median ratio vs burst).
@@ -563,6 +565,29 @@ def summarize(runs: list[dict]) -> list[dict]:
     return out
 
 
+def merge(paths: list[str], note: str = "") -> dict:
+    """One set from several e2e.json files (``PATH`` or ``PATH:VARIANT,...`` to take those variants
+    only): the first file's header, every file's runs with reps renumbered so that no two files share
+    a rep (a rep pairs a vring run with its DPDK run), summarized again. ``args_extra`` holds the
+    other files' args, each with ``from``, so the set says what went in."""
+    out: dict = {}
+    runs: list[dict] = []
+    extra = []
+    for path in paths:
+        path, _, only = path.partition(":")
+        keep = set(only.split(",")) if only else None
+        with open(path) as f:
+            d = json.load(f)
+        base = max((r["rep"] for r in runs), default=-1) + 1
+        runs += [dict(r, rep=r["rep"] + base) for r in d["runs"]
+                 if keep is None or r.get("variant", "split") in keep]
+        if not out:
+            out = {k: d[k] for k in ("args", "cpus", "machine", "elapsed_s") if k in d}
+        else:
+            extra.append(dict(d.get("args", {}), **{"from": path}))
+    return dict(out, summary=summarize(runs), runs=runs, args_extra=extra, note=note)
+
+
 def plot(summary: list[dict], path: str) -> None:
     import matplotlib
 
@@ -656,6 +681,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fe-cpu", type=int, default=0, help="CPU of the frontend's data plane (default 0)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--keep-logs", metavar="DIR", help="copy every run's logs here")
+    ap.add_argument("--merge", nargs="+", metavar="JSON[:VARIANTS]",
+                    help="measure nothing: merge these e2e.json files (optionally only some variants of one) "
+                         "into OUT/e2e.json and its plot, reps renumbered per file")
+    ap.add_argument("--note", default="", help="with --merge: what the merged set is, kept in its JSON")
     return ap
 
 
@@ -670,9 +699,17 @@ def stop_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop_on_sigterm()
     ap = parser()
     args = ap.parse_args(argv)
+    if args.merge:
+        merged = merge(args.merge, args.note)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "e2e.json"), "w") as f:
+            json.dump(merged, f, indent=1)
+        plot(merged["summary"], os.path.join(args.out, "e2e_ratio.png"))
+        log(f"merged {len(merged['runs'])} runs from {len(args.merge)} files into {args.out}")
+        return 0
+    stop_on_sigterm()
     if args.quick:
         args.frontends, args.dirs, args.bursts, args.sizes = "testpmd,vring", "tx", "32", "64"
         args.reps, args.seconds, args.warmup = 2, 3.0, 1.0
