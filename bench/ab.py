@@ -3,7 +3,7 @@
     /tmp/venv/bin/python bench/ab.py --trees head=/work/main,try=/work/wt/try --calls 5 --out /tmp/ab \\
         -- --frontends testpmd --variants packed --dirs loop,xconnect --bursts 4,64 --sizes 64 --seconds 3
     /tmp/venv/bin/python bench/ab.py --report --out /tmp/ab  # the table again, from OUT/ab.json
-    /tmp/venv/bin/python bench/ab.py --trees main=.,hold20=. --vring-args 'hold20=--hold-us 20' --out /tmp/h \
+    /tmp/venv/bin/python bench/ab.py --trees main=.,hold20=. --vring-args 'hold20=--hold-us 20' --out /tmp/h \\
         -- --frontends testpmd ...                            # two settings of one build
 
 Each tree is a checkout (a git worktree) of the build to measure. ab.py first compiles each tree's
@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 
-CELL = ("frontend", "variant", "dir", "burst", "size")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e  # noqa: E402  (bench/ holds scripts, not a package)
 
 
 def order(names: list[str], call: int) -> list[str]:
@@ -42,8 +43,7 @@ def table(calls: list[dict]) -> list[str]:
         for r in c["runs"]:
             if r.get("backend") != "vring":
                 continue
-            key = tuple(r.get(k, "split") if k == "variant" else r[k] for k in CELL)
-            cells.setdefault(key, {}).setdefault(c["tree"], []).append(r)
+            cells.setdefault(e2e.cell(r), {}).setdefault(c["tree"], []).append(r)
     trees = list(dict.fromkeys(c["tree"] for c in calls))
     out = ["| frontend | variant | dir | burst | size | tree | runs | Mpps median (min-max) | busy ns/frame | "
            "empty polls |", "|---|---|---|---:|---:|---|---:|---|---:|---:|"]
@@ -52,8 +52,7 @@ def table(calls: list[dict]) -> list[str]:
         for tree in trees:
             rs = per.get(tree, [])
             mpps = [r["mpps"] for r in rs if r.get("mpps") is not None]
-            busy = [b for b in ((r.get("window") or {}).get("busy_ns_per_frame")
-                                or (r.get("be_polls") or {}).get("busy_ns_per_frame") for r in rs) if b]
+            busy = [b for b in map(e2e.busy_ns_per_frame, rs) if b]
             empty = [r["empty_share"] for r in rs if r.get("empty_share") is not None]
             rate = f"{statistics.median(mpps):.2f} ({min(mpps):.2f}-{max(mpps):.2f})" if mpps else "failed"
             failed = len(rs) - len(mpps)

@@ -526,16 +526,23 @@ def _steady_ratios(sel: list[dict], spread: float = 1.5) -> list[float]:
     return out
 
 
+def cell(r: dict) -> tuple:
+    """The configuration a run measured (front-end, variant, direction, burst, size): runs are
+    grouped by it. Sets from before variants existed have no "variant": theirs was split."""
+    return (r["frontend"], r.get("variant", "split"), r["dir"], r["burst"], r["size"])
+
+
+def busy_ns_per_frame(r: dict) -> float | None:
+    """The back-end's busy ns per frame in a run: over the measured window, else over its life."""
+    return (r.get("window") or {}).get("busy_ns_per_frame") or (r.get("be_polls") or {}).get("busy_ns_per_frame")
+
+
 def summarize(runs: list[dict]) -> list[dict]:
-    keys = []
-    for r in runs:
-        k = (r["frontend"], r.get("variant", "split"), r["dir"], r["burst"], r["size"])
-        if k not in keys:
-            keys.append(k)
+    keys = list(dict.fromkeys(cell(r) for r in runs))
     out = []
     for k in keys:
         fe, variant, direction, burst, size = k
-        sel = [r for r in runs if (r["frontend"], r.get("variant", "split"), r["dir"], r["burst"], r["size"]) == k]
+        sel = [r for r in runs if cell(r) == k]
         row = {"frontend": fe, "variant": variant, "dir": direction, "burst": burst, "size": size}
         for be in ("vring", "dpdk"):
             rs = [r for r in sel if r["backend"] == be]
@@ -549,9 +556,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row["dpdk_empty_share_max_run"] = _dist([r["be_polls"]["empty_share_max"] for r in rs
                                                          if (r.get("be_polls") or {}).get("empty_share_max")
                                                          is not None])
-            busy = [(r.get("window") or {}).get("busy_ns_per_frame") or (r.get("be_polls") or {}).get(
-                "busy_ns_per_frame") for r in rs]
-            row[f"{be}_busy_ns_per_frame"] = _dist([b for b in busy if b])
+            row[f"{be}_busy_ns_per_frame"] = _dist([b for b in map(busy_ns_per_frame, rs) if b])
             row[f"{be}_failed"] = sum(1 for r in rs if r.get("mpps") is None)
         row["foreign_cpu_max"] = max((r.get("foreign_cpu") or 0 for r in sel), default=None)
         v, p = row["vring"], row["dpdk"]
