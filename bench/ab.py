@@ -3,6 +3,7 @@
     /tmp/venv/bin/python bench/ab.py --trees head=/work/main,try=/work/wt/try --calls 5 --out /tmp/ab \\
         -- --frontends testpmd --variants packed --dirs loop,xconnect --bursts 4,64 --sizes 64 --seconds 3
     /tmp/venv/bin/python bench/ab.py --report --out /tmp/ab  # the table again, from OUT/ab.json
+    /tmp/venv/bin/python bench/ab.py --report --by-latency --out /tmp/ab  # runs at ~80 and ~330 ns apart
     /tmp/venv/bin/python bench/ab.py --trees main=.,hold20=. --vring-args 'hold20=--hold-us 20' --out /tmp/h \\
         -- --frontends testpmd ...                            # two settings of one build
 
@@ -36,17 +37,20 @@ def order(names: list[str], call: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def table(calls: list[dict]) -> list[str]:
-    """Markdown rows: per cell (in the order first measured) and tree, vring's runs over the calls."""
+def table(calls: list[dict], by_latency: bool = False) -> list[str]:
+    """Markdown rows: per cell (in the order first measured) and tree, vring's runs over the calls;
+    ``by_latency``: per cell and cross-core latency (``e2e.latency``), "mixed" runs left out."""
     cells: dict = {}
     for c in calls:
         for r in c["runs"]:
-            if r.get("backend") != "vring":
+            if r.get("backend") != "vring" or (by_latency and e2e.latency(r) == "mixed"):
                 continue
-            cells.setdefault(e2e.cell(r), {}).setdefault(c["tree"], []).append(r)
+            key = e2e.cell(r) + ((e2e.latency(r),) if by_latency else ())
+            cells.setdefault(key, {}).setdefault(c["tree"], []).append(r)
     trees = list(dict.fromkeys(c["tree"] for c in calls))
-    out = ["| frontend | variant | dir | burst | size | tree | runs | Mpps median (min-max) | busy ns/frame | "
-           "empty polls |", "|---|---|---|---:|---:|---|---:|---|---:|---:|"]
+    lat = (" latency |", "---|") if by_latency else ("", "")
+    out = [f"| frontend | variant | dir | burst | size |{lat[0]} tree | runs | Mpps median (min-max) | busy ns/frame | "
+           "empty polls |", f"|---|---|---|---:|---:|{lat[1]}---|---:|---|---:|---:|"]
     med = lambda v, f: f(statistics.median(v)) if v else "-"  # noqa: E731
     for key, per in cells.items():
         for tree in trees:
@@ -54,7 +58,8 @@ def table(calls: list[dict]) -> list[str]:
             mpps = [r["mpps"] for r in rs if r.get("mpps") is not None]
             busy = [b for b in map(e2e.busy_ns_per_frame, rs) if b]
             empty = [r["empty_share"] for r in rs if r.get("empty_share") is not None]
-            rate = f"{statistics.median(mpps):.2f} ({min(mpps):.2f}-{max(mpps):.2f})" if mpps else "failed"
+            rate = (f"{statistics.median(mpps):.2f} ({min(mpps):.2f}-{max(mpps):.2f})" if mpps
+                    else "failed" if rs else "-")
             failed = len(rs) - len(mpps)
             out.append(f"| {' | '.join(str(k) for k in key)} | {tree} | {len(mpps)}"
                        f"{f' (+{failed} failed)' if failed else ''} | {rate} | {med(busy, lambda x: f'{x:.0f}')} | "
@@ -92,12 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                                                  "that directory, or an A/B's JSON file)")
     ap.add_argument("--note", default="", help="what is being compared, kept in ab.json")
     ap.add_argument("--report", action="store_true", help="measure nothing: print OUT/ab.json's table")
+    ap.add_argument("--by-latency", action="store_true",
+                    help="split each cell by the cores' line round trip during the run (near / far; see "
+                         "e2e.latency), leaving out runs during which it changed")
     ap.add_argument("e2e_args", nargs=argparse.REMAINDER, help="-- then bench/e2e.py's arguments")
     a = ap.parse_args(argv)
     path = a.out if a.report and a.out.endswith(".json") else os.path.join(a.out, "ab.json")
     if a.report:
         with open(path) as f:
-            print("\n".join(table(json.load(f)["calls"])))
+            print("\n".join(table(json.load(f)["calls"], a.by_latency)))
         return 0
     if not a.trees:
         ap.error("--trees is needed unless --report")
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(path, "w") as f:  # after every call: an interrupted A/B keeps what it measured
                 json.dump({"note": a.note, "trees": trees, "vring_args": settings, "e2e_args": e2e_args,
                            "calls": calls}, f, indent=1)
-    print("\n".join(table(calls)))
+    print("\n".join(table(calls, a.by_latency)))
     return 0
 
 

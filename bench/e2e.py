@@ -537,6 +537,16 @@ def busy_ns_per_frame(r: dict) -> float | None:
     return (r.get("window") or {}).get("busy_ns_per_frame") or (r.get("be_polls") or {}).get("busy_ns_per_frame")
 
 
+def latency(r: dict, near: float = 150.0, far: float = 250.0) -> str:
+    """The cores' line round trip during a run: "near" when both reads (before and after) were
+    under ``near`` ns, "far" when both were over ``far``, else "mixed" (it changed, or no reading).
+    On the EPYC VM the host puts the two vCPUs on cores sharing an L3 (~80 ns) or not (~330 ns)."""
+    x = [v for v in r.get("xcore_ns") or [] if v]
+    if len(x) < 2:
+        return "mixed"
+    return "near" if max(x) < near else "far" if min(x) > far else "mixed"
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     keys = list(dict.fromkeys(cell(r) for r in runs))
     out = []

@@ -18,10 +18,10 @@ def ab():
     return bench_script("ab")
 
 
-def _run(backend, rep, mpps, variant="split", burst=32, busy=None, empty=None):
+def _run(backend, rep, mpps, variant="split", burst=32, busy=None, empty=None, xcore=None):
     return {"frontend": "testpmd", "variant": variant, "dir": "loop", "burst": burst, "size": 64,
             "backend": backend, "rep": rep, "mpps": mpps, "empty_share": empty,
-            "window": {"busy_ns_per_frame": busy} if busy else None}
+            "window": {"busy_ns_per_frame": busy} if busy else None, "xcore_ns": xcore}
 
 
 def _write(path, runs, **args):
@@ -74,3 +74,20 @@ def test_ab_order_rotates_and_table_gives_each_tree_its_runs(ab):
         "| testpmd | split | loop | 4 | 64 | head | 0 (+1 failed) | failed | - | - |",
         "| testpmd | split | loop | 4 | 64 | try | 1 | 1.00 (1.00-1.00) | - | - |",
     ]
+
+
+def test_ab_table_by_latency_keeps_near_and_far_runs_apart(ab):
+    calls = [
+        {"tree": "head", "call": 1, "runs": [_run("vring", 0, 15.0, xcore=[80.0, 85.0])]},
+        {"tree": "head", "call": 2, "runs": [_run("vring", 0, 8.0, xcore=[330.0, 320.0])]},
+        {"tree": "head", "call": 3, "runs": [_run("vring", 0, 12.0, xcore=[80.0, 330.0]),  # moved: left out
+                                             _run("vring", 0, 11.0)]},  # no reading: left out
+        {"tree": "try", "call": 1, "runs": [_run("vring", 0, 16.0, xcore=[90.0, 70.0])]},
+    ]
+    assert ab.table(calls, by_latency=True)[2:] == [
+        "| testpmd | split | loop | 32 | 64 | near | head | 1 | 15.00 (15.00-15.00) | - | - |",
+        "| testpmd | split | loop | 32 | 64 | near | try | 1 | 16.00 (16.00-16.00) | - | - |",
+        "| testpmd | split | loop | 32 | 64 | far | head | 1 | 8.00 (8.00-8.00) | - | - |",
+        "| testpmd | split | loop | 32 | 64 | far | try | 0 | - | - | - |",
+    ]
+    assert ab.table(calls)[2:][0].startswith("| testpmd | split | loop | 32 | 64 | head | 4 | 11.50 (8.00-15.00)")
