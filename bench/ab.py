@@ -43,14 +43,14 @@ def table(calls: list[dict], by_latency: bool = False) -> list[str]:
     cells: dict = {}
     for c in calls:
         for r in c["runs"]:
-            if r.get("backend") != "vring" or (by_latency and e2e.latency(r) == "mixed"):
+            lat = (e2e.latency(r),) if by_latency else ()
+            if r.get("backend") != "vring" or lat == ("mixed",):
                 continue
-            key = e2e.cell(r) + ((e2e.latency(r),) if by_latency else ())
-            cells.setdefault(key, {}).setdefault(c["tree"], []).append(r)
+            cells.setdefault(e2e.cell(r) + lat, {}).setdefault(c["tree"], []).append(r)
     trees = list(dict.fromkeys(c["tree"] for c in calls))
-    lat = (" latency |", "---|") if by_latency else ("", "")
-    out = [f"| frontend | variant | dir | burst | size |{lat[0]} tree | runs | Mpps median (min-max) | busy ns/frame | "
-           "empty polls |", f"|---|---|---|---:|---:|{lat[1]}---|---:|---|---:|---:|"]
+    col = (" latency |", "---|") if by_latency else ("", "")
+    out = [f"| frontend | variant | dir | burst | size |{col[0]} tree | runs | Mpps median (min-max) | busy ns/frame | "
+           "empty polls |", f"|---|---|---|---:|---:|{col[1]}---|---:|---|---:|---:|"]
     med = lambda v, f: f(statistics.median(v)) if v else "-"  # noqa: E731
     for key, per in cells.items():
         for tree in trees:
