@@ -8,11 +8,12 @@
         -- --frontends testpmd ...                            # two settings of one build
 
 Each tree is a checkout (a git worktree) of the build to measure. ab.py first compiles each tree's
-data plane (``python -m vring compile`` there: a first run must not measure numba compiling), then
-makes ``--calls`` rounds; in each it runs every tree's own ``bench/e2e.py --backends vring --reps 1``
-with the e2e arguments given, into OUT/NAME_CALL. The trees' order rotates from round to round, so no
-tree always runs right after the same one. DPDK is left out: two builds of vring measured minutes
-apart on a shared VM compare better against each other, alternating, than through DPDK's runs.
+data plane (``python -m vring compile --only DEVICE`` there, the device e2e runs: a first run must
+not measure numba compiling), then makes ``--calls`` rounds; in each it runs every tree's own
+``bench/e2e.py --backends vring --reps 1`` with the e2e arguments given, into OUT/NAME_CALL. The
+trees' order rotates from round to round, so no tree always runs right after the same one. DPDK is
+left out: two builds of vring measured minutes apart on a shared VM compare better against each
+other, alternating, than through DPDK's runs.
 
 Writes OUT/ab.json (every call's args, summary and runs) and prints, per cell and tree, the median
 rate (min-max) over the calls, vring's busy ns per frame and its empty-poll share (medians).
@@ -67,9 +68,25 @@ def table(calls: list[dict], by_latency: bool = False) -> list[str]:
     return out
 
 
-def compile_tree(path: str) -> None:
+def device_of(e2e_args: list[str]) -> str:
+    """The vring device e2e runs with these arguments (its --vring-device, net by default)."""
+    for i, a in enumerate(e2e_args):
+        if a.startswith("--vring-device="):
+            return a.split("=", 1)[1]
+        if a == "--vring-device" and i + 1 < len(e2e_args):
+            return e2e_args[i + 1]
+    return "net"
+
+
+def compile_tree(path: str, device: str) -> None:
+    """Compile that tree's data plane of ``device`` only (each other device's would take minutes more)."""
     env = dict(os.environ, PYTHONPATH=path)
-    subprocess.run([sys.executable, "-m", "vring", "compile"], cwd=path, env=env, check=True)
+    cmd = [sys.executable, "-m", "vring", "compile"]
+    rc = subprocess.run([*cmd, "--only", device], cwd=path, env=env).returncode
+    if rc == 2:  # argparse's: a tree older than --only compiles every device
+        subprocess.run(cmd, cwd=path, env=env, check=True)
+    elif rc != 0:
+        raise SystemExit(f"compiling {path} failed (rc {rc})")
 
 
 def run_call(name: str, path: str, call: int, out: str, e2e_args: list[str], vring_args: str = "") -> dict:
@@ -114,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e_args = a.e2e_args[1:] if a.e2e_args[:1] == ["--"] else a.e2e_args
     os.makedirs(a.out, exist_ok=True)
     for p in dict.fromkeys(trees.values()):
-        compile_tree(p)
+        compile_tree(p, device_of(e2e_args))
     calls = []
     for call in range(1, a.calls + 1):
         for name in order(list(trees), call):

@@ -91,3 +91,9 @@ def test_ab_table_by_latency_keeps_near_and_far_runs_apart(ab):
         "| testpmd | split | loop | 32 | 64 | far | try | 0 | - | - | - |",
     ]
     assert ab.table(calls)[2:][0].startswith("| testpmd | split | loop | 32 | 64 | head | 4 | 11.50 (8.00-15.00)")
+
+
+def test_ab_compiles_only_the_device_e2e_runs(ab):
+    assert ab.device_of(["--frontends", "testpmd", "--dirs", "xconnect"]) == "net"
+    assert ab.device_of(["--vring-device", "switch", "--dirs", "xconnect"]) == "switch"
+    assert ab.device_of(["--vring-device=switch"]) == "switch"
