@@ -69,13 +69,8 @@ def table(calls: list[dict], by_latency: bool = False) -> list[str]:
 
 
 def device_of(e2e_args: list[str]) -> str:
-    """The vring device e2e runs with these arguments (its --vring-device, net by default)."""
-    for i, a in enumerate(e2e_args):
-        if a.startswith("--vring-device="):
-            return a.split("=", 1)[1]
-        if a == "--vring-device" and i + 1 < len(e2e_args):
-            return e2e_args[i + 1]
-    return "net"
+    """The vring device e2e runs with these arguments (its --vring-device), read by e2e's own parser."""
+    return e2e.parser().parse_args(e2e_args).vring_device
 
 
 def compile_tree(path: str, device: str) -> None:
