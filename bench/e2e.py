@@ -451,6 +451,21 @@ class Runner:
         res["seconds"] = round(time.monotonic() - t_start, 1)
         return res
 
+    def watch_latency(self, seconds: float) -> list[float]:
+        """Sleep through the measured window, reading the line round trip between the two CPUs every
+        ``--probe-every`` seconds (short real-time readings, ~0.2-0.7 ms each: bench/xcore.py), since
+        the host may move the vCPUs in the middle of a run; the readings taken."""
+        end = time.monotonic() + seconds
+        out: list[float] = []
+        every = self.a.probe_every
+        while every > 0 and time.monotonic() + every < end:
+            time.sleep(every)
+            x = cross_core_ns((self.be_cpu, self.fe_cpu), rounds=2000, urgent=True, reads=1)
+            if x is not None:
+                out.append(x)
+        time.sleep(max(0.0, end - time.monotonic()))
+        return out
+
     def _measure(self, res: dict, st: Started) -> None:
         """Warm up, sample the window, stop both sides and read what they printed into ``res``."""
         fe, be, direction, burst = res["frontend"], res["backend"], res["dir"], res["burst"]
@@ -458,7 +473,7 @@ class Runner:
         c0, o0, t0 = cpu_total(), sum(p.cpu_jiffies() for p in (bep, fep)), time.monotonic()
         time.sleep(self.a.warmup)
         w0 = self.window_mark(be, bep, sock, direction, burst)
-        time.sleep(max(0.0, self.a.seconds - (0 if fe == "testpmd" else 0.5)))
+        res["xcore_during"] = self.watch_latency(max(0.0, self.a.seconds - (0 if fe == "testpmd" else 0.5)))
         w1 = self.window_mark(be, bep, sock, direction, burst)
         c1, o1, t1 = cpu_total(), sum(p.cpu_jiffies() for p in (bep, fep)), time.monotonic()
         if fe == "vring":
@@ -511,7 +526,7 @@ def _dist(v: list[float]) -> dict | None:
 
 def _steady_ratios(sel: list[dict], spread: float = 1.5) -> list[float]:
     """vring / DPDK of each repetition whose two runs saw about the same line round trip between
-    the cores (all four reads, before and after each run, within ``spread`` of each other): on a VM
+    the cores (all reads, before, during and after each run, within ``spread`` of each other): on a VM
     whose vCPUs the host moves, a pair measured across a move compares two machines."""
     out = []
     for rep in sorted({r["rep"] for r in sel}):
@@ -519,7 +534,7 @@ def _steady_ratios(sel: list[dict], spread: float = 1.5) -> list[float]:
         v, p = pair.get("vring"), pair.get("dpdk")
         if not (v and p and v.get("mpps") and p.get("mpps")):
             continue
-        lat = [x for r in (v, p) for x in r.get("xcore_ns") or [None, None]]
+        lat = [x for r in (v, p) for x in xcore_reads(r)]
         if None in lat or max(lat) > spread * min(lat):
             continue
         out.append(v["mpps"] / p["mpps"])
@@ -537,11 +552,18 @@ def busy_ns_per_frame(r: dict) -> float | None:
     return (r.get("window") or {}).get("busy_ns_per_frame") or (r.get("be_polls") or {}).get("busy_ns_per_frame")
 
 
+def xcore_reads(r: dict) -> list[float | None]:
+    """A run's line round trip readings: before, during (``watch_latency``; none in older sets), after."""
+    x = r.get("xcore_ns") or [None, None]
+    return [x[0], *(r.get("xcore_during") or []), x[-1]]
+
+
 def latency(r: dict, near: float = 150.0, far: float = 250.0) -> str:
-    """The cores' line round trip during a run: "near" when both reads (before and after) were
-    under ``near`` ns, "far" when both were over ``far``, else "mixed" (it changed, or no reading).
-    On the EPYC VM the host puts the two vCPUs on cores sharing an L3 (~80 ns) or not (~330 ns)."""
-    x = [v for v in r.get("xcore_ns") or [] if v]
+    """The cores' line round trip during a run: "near" when every read (before, during and after)
+    was under ``near`` ns, "far" when all were over ``far``, else "mixed" (it changed, or no
+    reading). On the EPYC VM the host puts the two vCPUs on cores sharing an L3 (~80 ns) or not
+    (~330 ns), and moves them every few seconds to minutes."""
+    x = [v for v in xcore_reads(r) if v]
     if len(x) < 2:
         return "mixed"
     return "near" if max(x) < near else "far" if min(x) > far else "mixed"
@@ -572,7 +594,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         v, p = row["vring"], row["dpdk"]
         row["ratio_median"] = round(v["median"] / p["median"], 3) if v and p and p["median"] > 0 else None
         row["ratio_best"] = round(v["max"] / p["max"], 3) if v and p and p["max"] > 0 else None
-        row["xcore_ns"] = _dist([x for r in sel for x in r.get("xcore_ns") or [] if x])
+        row["xcore_ns"] = _dist([x for r in sel for x in xcore_reads(r) if x])
         steady = _steady_ratios(sel)
         row["steady_pairs"] = f"{len(steady)}/{len({r['rep'] for r in sel})}"
         row["ratio_steady"] = round(statistics.median(steady), 3) if steady else None
@@ -632,13 +654,13 @@ def plot(summary: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def cross_core_ns(cpus: tuple[int, int]) -> float | None:
-    """The line round trip between the two CPUs now (bench/xcore.py): the least of three quick reads."""
+def cross_core_ns(cpus: tuple[int, int], rounds: int = 5000, urgent: bool = False, reads: int = 3) -> float | None:
+    """The line round trip between the two CPUs now (bench/xcore.py): the least of ``reads`` reads."""
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
     from xcore import round_trip_ns
 
-    v = [x for x in (round_trip_ns(cpus, rounds=5000) for _ in range(3)) if x is not None]
+    v = [x for x in (round_trip_ns(cpus, rounds=rounds, urgent=urgent) for _ in range(reads)) if x is not None]
     return min(v) if v else None
 
 
@@ -692,6 +714,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fe-bursts", action="store_true",
                     help="run the testpmd front-end with --record-burst-stats and record how full its RX and TX "
                          "bursts were (fe_bursts): how the front-end's work is cut up against each back-end")
+    ap.add_argument("--probe-every", type=float, default=0.5, metavar="S",
+                    help="read the line round trip between the CPUs every S seconds during each measured "
+                         "window (short real-time readings, see bench/xcore.py; 0: only before and after)")
     ap.add_argument("--be-cpu", type=int, default=1, help="CPU of the back-end's data plane (default 1)")
     ap.add_argument("--fe-cpu", type=int, default=0, help="CPU of the frontend's data plane (default 0)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

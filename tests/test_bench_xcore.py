@@ -2,8 +2,10 @@
 same latency between the cores (the host moves these VMs' vCPUs: ~90 ns one spell, ~320 the next)."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
 
 import pytest
 from conftest import bench_script
@@ -31,13 +33,29 @@ def test_round_trip_between_two_cpus(xcore):
     # two threads really handed the line over 2000 times (a hang would be a None after 10 s):
     # a round trip between cores costs at least a few ns and, busy VM or not, far less than 1 ms
     assert ns is not None and 1 < ns < 1e6
+    # as e2e reads it during a run: real-time threads where allowed (root in CI), the same figure
+    ns = xcore.round_trip_ns((cpus[0], cpus[1]), rounds=2000, urgent=True)
+    assert ns is not None and 1 < ns < 1e6
     assert xcore.round_trip_ns((cpus[0], cpus[0])) is None  # one CPU: nothing to measure
     assert xcore.round_trip_ns((cpus[0], 4096)) is None  # a CPU we may not run on
 
 
-def _run(backend, rep, mpps, lat):
-    return {"frontend": "testpmd", "variant": "packed", "dir": "loop", "burst": 32, "size": 64,
-            "backend": backend, "rep": rep, "mpps": mpps, "xcore_ns": lat}
+def _run(backend, rep, mpps, lat, during=None):
+    r = {"frontend": "testpmd", "variant": "packed", "dir": "loop", "burst": 32, "size": 64,
+         "backend": backend, "rep": rep, "mpps": mpps, "xcore_ns": lat}
+    if during is not None:
+        r["xcore_during"] = during
+    return r
+
+
+def test_latency_of_a_run_counts_the_readings_taken_during_it(e2e):
+    assert e2e.latency(_run("vring", 0, 6.0, [80, 85])) == "near"  # a set from before the readings during
+    assert e2e.latency(_run("vring", 0, 6.0, [80, 85], [82, 79, 84])) == "near"
+    assert e2e.latency(_run("vring", 0, 2.0, [320, 330], [325, 331])) == "far"
+    # before and after agree, but the host moved the vCPUs away and back in the middle of the run
+    assert e2e.latency(_run("dpdk", 0, 4.8, [80, 85], [82, 330, 84])) == "mixed"
+    assert e2e.latency(_run("dpdk", 0, 4.8, [330, 325], [82, 83, 84])) == "mixed"
+    assert e2e.xcore_reads(_run("dpdk", 0, 4.8, [330, 325], [82, 83])) == [330, 82, 83, 325]
 
 
 def test_steady_pairs_are_the_ones_measured_at_one_latency(e2e):
@@ -53,3 +71,23 @@ def test_steady_pairs_are_the_ones_measured_at_one_latency(e2e):
     row = e2e.summarize(runs)[0]
     assert row["steady_pairs"] == "2/6" and row["ratio_steady"] == pytest.approx(1.1)
     assert row["xcore_ns"]["min"] == 90 and row["xcore_ns"]["max"] == 330
+    # a pair whose ends agree but whose middle does not is not steady
+    runs[4:6] = [_run("vring", 2, 7.0, [320, 321], [322, 85]), _run("dpdk", 2, 7.0, [330, 318], [320])]
+    assert e2e._steady_ratios(runs) == pytest.approx([1.2])
+
+
+def test_readings_during_a_window_keep_to_its_length(e2e):
+    """watch_latency sleeps through the window and reads the round trip every --probe-every seconds
+    (none with 0), ending when the window does."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.fail("this test needs two CPUs (CI has two)")
+    runner = e2e.Runner(argparse.Namespace(be_cpu=cpus[1], fe_cpu=cpus[0], probe_every=0.2), "/tmp")
+    t0 = time.monotonic()
+    got = runner.watch_latency(0.9)
+    took = time.monotonic() - t0
+    assert 3 <= len(got) <= 4 and all(1 < x < 1e6 for x in got)  # at 0.2, 0.4, 0.6 (0.8: if reads are quick)
+    assert 0.9 <= took < 2.0
+    runner.a.probe_every = 0
+    t0 = time.monotonic()
+    assert runner.watch_latency(0.3) == [] and 0.3 <= time.monotonic() - t0 < 1.0
