@@ -219,6 +219,35 @@ def test_full_receiver_holds_frames_then_drops_after_the_hold(vring_proc, sockdi
     assert c["tx_packets"] == c["rx_dropped"] == 64 and c["rx_packets"] == 0
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_receiver_that_ran_dry_gets_frames_again_once_it_posts_a_batch(vring_proc, sockdir, packed):
+    """After an RX ring ran out of buffers, held frames wait for 16 buffers to be posted again (a
+    batch), not for the first one, but no longer than a sixteenth of --hold-us from the start of
+    the hold: then the buffers posted so far take frames at once."""
+    v, (a,) = start(vring_proc, sockdir, "--hold-us", "16000000")  # a refill wait of 1 s
+    fe = Frontend(a, packed=packed)
+    fe.connect()
+    fe.setup()  # RX ring ready, no buffers posted
+    assert fe.send_frames([frame(s) for s in range(32)]) == 32
+    t = fe.tx()
+    time.sleep(0.05)
+    assert _in_flight(t) == 32  # the hold has begun
+    fe.post_rx(3)
+    time.sleep(0.3)
+    assert _in_flight(t) == 32  # 3 buffers are not a batch yet
+    fe.post_rx(13)
+    wait_until(lambda: _in_flight(t) == 16, timeout=5)  # 16 are: as many frames go
+    time.sleep(0.1)
+    assert _in_flight(t) == 16  # and the ring is dry again
+    time.sleep(1.1)  # past the refill wait of this hold
+    fe.post_rx(2)
+    wait_until(lambda: _in_flight(t) == 14, timeout=5)  # 2 buffers take 2 frames at once
+    fe.close()
+    assert v.stop() == 0
+    c = v.port_counters()[0]
+    assert c["tx_packets"] == c["rx_packets"] == 18 and c["rx_dropped"] == 0
+
+
 def test_frame_needing_more_buffers_than_posted_waits_for_them(vring_proc, sockdir):
     """--hold-us with a frame that needs several mergeable RX buffers: while the receiver has some
     posted but too few for it, the frame stays in the TX ring (not dropped for want of the rest)

@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--hold-us", type=float, metavar="US",  # default devices.net.HOLD_US
                    help="xconnect/loopback: a frame the receiving ring has no room for waits in the sender's "
                         "ring up to US microseconds (the sender sees a full ring and counts its own drops) before "
-                        "frames are dropped here; 0: drop at once, as DPDK's vhost does (default 1000)")
+                        "frames are dropped here; 0: drop at once, as DPDK's vhost does (default 1000). Once "
+                        "a receiver ran dry, frames wait for it to post 16 buffers again (a quarter of its ring "
+                        "if fewer), for at most US/16 from the start of the wait")
     n.set_defaults(func=cmd_net)
 
     d = sub.add_parser("demo", help="vring net + the in-tree front-end, printing live Mpps")

@@ -66,6 +66,19 @@ def is_avail(qs, q, idx, wrap):
     return flags_avail(load_u16_acquire(qs[q]["desc"] + np.uint64(16 * idx + 14)), wrap)
 
 
+@inline_kernel
+def avail_ahead(qs, q, k):
+    """Whether the ``k``-th descriptor from the next one (1 <= k <= size) is available: a driver
+    makes them available in ring order, so (a hint) whether ``k`` are."""
+    size = np.int64(qs[q]["size"])
+    idx = np.int64(qs[q]["last_avail_idx"]) + k - 1
+    wrap = np.int64(qs[q]["avail_wrap"])
+    if idx >= size:
+        idx -= size
+        wrap ^= 1
+    return is_avail(qs, q, idx, wrap)
+
+
 @kernel
 def _walk_indirect(qs, q, regions, addr, ln, writable, seg_hva, seg_len, n, total):
     """Map every entry of an indirect table (packed layout, used in order)."""

@@ -40,6 +40,15 @@ def begin(qs, q, limit):
 
 
 @inline_kernel
+def avail_ahead(qs, q, k):
+    """Whether ``k`` (1 <= k <= size) chains are available from the next one on (a hint: a packed
+    ring's ``k``-th descriptor is looked at; a chain of several descriptors counts as several)."""
+    if qs[q]["packed"]:
+        return P.avail_ahead(qs, q, k)
+    return S.avail_count(qs, q) >= k
+
+
+@inline_kernel
 def _took_split(qs, q, head):
     """Record a popped split chain: one more taken this batch, in flight if the driver tracks them."""
     qs[q]["t_count"] += 1
