@@ -525,10 +525,12 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
     if mode == MODE_FORWARD and hold > 0 and qs[dst]["held_since"] != 0 and _ready(qs, src) and _ready(qs, dst):
         # in a hold the receiver is looked at first, and the sender's lines (which its driver keeps
         # writing) are left alone while the hold lasts
-        b = begin(qs, dst, burst)
-        if b >= 0 and _room(qs, dst, b, burst, hold) == 0:
-            counters[dst, C_HELD] += 1
+        began = begin(qs, dst, burst)
+        if began >= 0 and _room(qs, dst, began, burst, hold) == 0:
+            _held(counters, dst, busy, False)
             return 0
+    else:
+        began = -1
     n = begin_batch(qs, counters, regions, src, burst, BUF_NONE if mode == MODE_SINK and not capturing else BUF_READ,
                     busy)
     if n <= 0:
@@ -536,7 +538,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
     dst_ok = mode == MODE_FORWARD and _ready(qs, dst)
     limit = burst
     if dst_ok:
-        b = begin(qs, dst, burst)
+        b = began if began >= 0 else begin(qs, dst, burst)  # (a hold's first look already began it)
         if b < 0:
             _mark_broken(qs, counters, dst, -b)
             dst_ok = False
