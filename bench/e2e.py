@@ -532,13 +532,16 @@ def _steady_ratios(sel: list[dict], spread: float = 1.5) -> list[float]:
     for rep in sorted({r["rep"] for r in sel}):
         pair = {r["backend"]: r for r in sel if r["rep"] == rep}
         v, p = pair.get("vring"), pair.get("dpdk")
-        if not (v and p and v.get("mpps") and p.get("mpps")):
-            continue
-        lat = [x for r in (v, p) for x in xcore_reads(r)]
-        if None in lat or max(lat) > spread * min(lat):
-            continue
-        out.append(v["mpps"] / p["mpps"])
+        if v and p and v.get("mpps") and p.get("mpps") and steady_pair(v, p, spread):
+            out.append(v["mpps"] / p["mpps"])
     return out
+
+
+def steady_pair(a: dict, b: dict, spread: float = 1.5) -> bool:
+    """Whether two runs saw about the same line round trip between the cores throughout (every
+    reading of both within ``spread`` of each other)."""
+    lat = [x for r in (a, b) for x in xcore_reads(r)]
+    return None not in lat and max(lat) <= spread * min(lat)
 
 
 def cell(r: dict) -> tuple:
@@ -717,6 +720,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--probe-every", type=float, default=0.5, metavar="S",
                     help="read the line round trip between the CPUs every S seconds during each measured "
                          "window (short real-time readings, see bench/xcore.py; 0: only before and after)")
+    ap.add_argument("--pair-retries", type=int, default=0, metavar="N",
+                    help="run a vring/DPDK pair again, up to N times, while its runs did not see the same line "
+                         "round trip between the CPUs throughout (steady_pair); every pair run is kept, each "
+                         "with its own rep and its attempt number")
     ap.add_argument("--be-cpu", type=int, default=1, help="CPU of the back-end's data plane (default 1)")
     ap.add_argument("--fe-cpu", type=int, default=0, help="CPU of the frontend's data plane (default 0)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -736,6 +743,28 @@ def stop_on_sigterm() -> None:
     """Take SIGTERM as Ctrl-C: the runs' finally blocks then stop the back-end and front-end, which
     run in their own sessions and would otherwise go on spinning on both CPUs after we are gone."""
     signal.signal(signal.SIGTERM, _interrupted)
+
+
+def measure_cell(run, backends: list[str], reps: int, retries: int, runs: list[dict]) -> None:
+    """``reps`` pairs of one cell, the back-ends alternating (``run(backend, rep)`` -> result), into
+    ``runs``. A pair whose runs did not see the same line round trip throughout (``steady_pair``)
+    is run again, up to ``retries`` times. Every pair run is kept, with its own rep and its
+    ``attempt`` (0: the first), so the summary's medians count them all and its steady ratios
+    the pairs that were steady."""
+    rep = 0
+    for _ in range(reps):
+        for attempt in range(retries + 1):
+            pair = []
+            for be in backends:
+                r = run(be, rep)
+                r["attempt"] = attempt
+                runs.append(r)
+                pair.append(r)
+            rep += 1
+            if len(pair) < 2 or None in (pair[0].get("mpps"), pair[1].get("mpps")) or steady_pair(*pair):
+                break
+            log(f"the line round trip changed within the pair ({latency(pair[0])}, {latency(pair[1])}): "
+                f"{'again' if attempt < retries else 'kept as it is'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -774,15 +803,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         matrix = [(fe, v, d, size, burst) for fe in frontends for v in variants for d in dirs
                   for size in _ints(args.sizes) for burst in _ints(args.bursts)]
+        backends = [b for b in ("vring", "dpdk") if b in args.backends.split(",")]
         for fe, variant, direction, size, burst in matrix:
-            for rep in range(args.reps):
-                for be in [b for b in ("vring", "dpdk") if b in args.backends.split(",")]:  # alternate
-                    r = runner.run(fe, be, direction, burst, size, rep, variant)
-                    runs.append(r)
-                    extra = f" empty={r['empty_share']:.1%}" if r.get("empty_share") is not None else ""
-                    log(f"{fe:>7} fe {variant:>6} {direction:>4} burst {burst:>3} {size:>4} B rep {rep} {be:>5}: "
-                        f"{r['mpps'] if r['mpps'] is not None else 'FAILED (' + r.get('error', '?') + ')'}"
-                        f" Mpps{extra} foreign_cpu={r.get('foreign_cpu')}% ({r['seconds']} s)")
+            def run(be: str, rep: int) -> dict:
+                r = runner.run(fe, be, direction, burst, size, rep, variant)
+                extra = f" empty={r['empty_share']:.1%}" if r.get("empty_share") is not None else ""
+                log(f"{fe:>7} fe {variant:>6} {direction:>4} burst {burst:>3} {size:>4} B rep {rep} {be:>5}: "
+                    f"{r['mpps'] if r['mpps'] is not None else 'FAILED (' + r.get('error', '?') + ')'}"
+                    f" Mpps{extra} foreign_cpu={r.get('foreign_cpu')}% ({r['seconds']} s)")
+                return r
+            measure_cell(run, backends, args.reps, args.pair_retries, runs)
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")
     finally:

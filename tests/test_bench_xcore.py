@@ -91,3 +91,38 @@ def test_readings_during_a_window_keep_to_its_length(e2e):
     runner.a.probe_every = 0
     t0 = time.monotonic()
     assert runner.watch_latency(0.3) == [] and 0.3 <= time.monotonic() - t0 < 1.0
+
+
+def test_a_pair_measured_across_a_move_is_run_again(e2e):
+    """measure_cell runs a pair again (up to --pair-retries times) while its two runs saw different
+    round trips, keeps every run with its own rep, and stops at the first steady pair."""
+    # what the host does, pair after pair: moved within the pair, moved again, then steady (far)
+    lats = iter([([90, 90], [88]), ([320, 330], [325]),
+                 ([90, 300], [95]), ([310, 320], [315]),
+                 ([320, 330], [318]), ([330, 325], [322]),
+                 ([85, 90], [88]), ([90, 92], [91])])
+
+    def run(be, rep):
+        before_after, during = next(lats)
+        return _run(be, rep, 7.0 if be == "vring" else 6.0, before_after, during)
+
+    runs = []
+    e2e.measure_cell(run, ["vring", "dpdk"], 2, 3, runs)
+    # rep 0 took three pairs (the third steady); rep 1's first pair was steady: 8 runs, 4 pairs
+    assert [(r["backend"], r["rep"], r["attempt"]) for r in runs] == [
+        ("vring", 0, 0), ("dpdk", 0, 0), ("vring", 1, 1), ("dpdk", 1, 1), ("vring", 2, 2), ("dpdk", 2, 2),
+        ("vring", 3, 0), ("dpdk", 3, 0)]
+    assert e2e._steady_ratios(runs) == pytest.approx([7 / 6, 7 / 6])
+    assert e2e.summarize(runs)[0]["steady_pairs"] == "2/4"
+    # with no retries the unsteady pair is kept as it is; a failed run is not retried
+    runs = []
+    lats = iter([([90, 90], [88]), ([320, 330], [325])])
+    e2e.measure_cell(run, ["vring", "dpdk"], 1, 0, runs)
+    assert [r["rep"] for r in runs] == [0, 0] and e2e._steady_ratios(runs) == []
+    runs = []
+    e2e.measure_cell(lambda be, rep: _run(be, rep, None, [90, 90], [90]), ["vring", "dpdk"], 1, 3, runs)
+    assert len(runs) == 2
+    # one back-end alone: nothing to pair, each rep runs once
+    runs = []
+    e2e.measure_cell(lambda be, rep: _run(be, rep, 5.0, [90, 330]), ["vring"], 3, 3, runs)
+    assert [r["rep"] for r in runs] == [0, 1, 2]
