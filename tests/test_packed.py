@@ -65,6 +65,7 @@ from vring.layout import (
     RING_EVENT_FLAGS_ENABLE,
     SHADOW,
 )
+from vring.ring import avail_ahead as ring_avail_ahead
 from vring.split import (
     BROKEN_ADDRESS,
     BROKEN_CHAIN_LEN,
@@ -489,6 +490,24 @@ def test_begin_counts_available_descriptors(size, la, aw, navail, expected):
     q = qs[0]
     assert (q["t_idx"], q["t_wrap"], q["t_count"]) == (la, aw, 0)
     assert (q["u_idx"], q["u_wrap"], q["u_count"]) == ((la + 1) % size, aw, 0)
+
+
+@pytest.mark.parametrize(
+    ("size", "la", "aw", "navail"),
+    [(100, 90, 0, 12), (64, 10, 1, 64), (16, 0, 1, 16), (5, 3, 1, 2), (1, 0, 1, 1), (1, 0, 0, 0)],
+)
+def test_avail_ahead_looks_at_the_kth_descriptor(size, la, aw, navail):
+    """net's refill check (ring.avail_ahead on a packed ring): the k-th descriptor from the next
+    one is available exactly when k are, across the ring's end (the wrap counter flips there)."""
+    reset_memory()
+    main = [(R0.gpa, 1, 0, 0)] * size
+    for i in range(navail):
+        p = (la + i) % size
+        main[p] = (R0.gpa, 1, 0, avail_bits(aw if p >= la else aw ^ 1))
+    gwrite(MAIN_GPA, ppack(main))
+    qs = packed_qs(size, la=la, aw=aw, ui=la, uw=aw)
+    ks = range(1, size + 1)
+    assert [bool(ring_avail_ahead(qs, 0, k)) for k in ks] == [k <= navail for k in ks]
 
 
 def test_publish_without_used_elements_commits_pops_only():

@@ -26,6 +26,7 @@ from vring.layout import (
     used_dtype,
 )
 from vring.memory import MAX_REGIONS
+from vring.ring import avail_ahead as ring_avail_ahead
 from vring.ring import begin as ring_begin
 from vring.ring import peek_one as ring_peek_one
 from vring.ring import pop as ring_pop
@@ -565,6 +566,19 @@ def test_avail_count_property(size, last, idx):
     r.avail["idx"] = idx
     d = (idx - last) % 65536
     assert avail_count(r.qs, 0) == (d if d <= size else -BROKEN_AVAIL_JUMP)
+
+
+@pytest.mark.parametrize(
+    ("size", "last", "idx"), [(16, 0, 0), (16, 0, 16), (16, 65530, 3), (16, 0, 17), (1, 65535, 0)]
+)
+def test_ring_avail_ahead(size, last, idx):
+    """net's refill check on a split ring: k chains are available from the next one on exactly
+    when avail_count says so (never after a broken index)."""
+    r = Ring(size, last_avail=last)
+    r.avail["idx"] = idx % 65536
+    n = avail_count(r.qs, 0)
+    ks = range(1, size + 1)
+    assert [bool(ring_avail_ahead(r.qs, 0, k)) for k in ks] == [k <= n for k in ks]
 
 
 def test_avail_head():
