@@ -56,7 +56,7 @@ from vring.device import Device
 from vring.dirtylog import log_pieces
 from vring.jit import inline_kernel, kernel
 from vring.layout import C_BYTES, C_DROPS, C_ERRORS, C_HELD, C_PACKETS
-from vring.ordering import copy_bytes, cycles, load_u8, load_u16, load_u64, store_u16, store_u64
+from vring.ordering import copy_bytes, cycles, load_u8, load_u16, load_u64, store_u8, store_u16, store_u32, store_u64
 from vring.protocol import MAX_MTU, MIN_MTU, PF, F
 from vring.ring import (
     BUF_NONE,
@@ -84,6 +84,7 @@ MODE_FORWARD, MODE_SINK, MODE_SOURCE = 0, 1, 2
 MODES = ("xconnect", "loopback", "sink", "source")
 # how long frames wait in a TX ring for the receiver's buffers before they are dropped (_room)
 HOLD_US = 1000.0
+SEQ_AT = 42  # where a source frame carries its number: after the Ethernet, IPv4 and UDP headers
 REFILL = 16  # buffers an RX ring that ran dry should have again before frames go on (_room)
 MAX_MRG = 64  # RX chains one frame may be merged over
 HDR_LEN_V1 = 12  # virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
@@ -609,6 +610,31 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
 
 
 @inline_kernel
+def _number(d_hva, d_len, off, seq):
+    """Write ``seq``'s low 4 bytes (little-endian) at byte ``off`` of a frame already written into
+    the pieces ``d_hva``/``d_len``, which hold at least ``off`` + 4 of its bytes.
+
+    The source numbers each frame in the guest's buffer after copying the template there, not in
+    the template before the copy: a copy that loads bytes stored just before cannot take them
+    from the store buffer and waits until every older store is in the cache, here the previous
+    frames' stores to lines the driver's core last read (rx burst 64 on the EPYC VM, cores ~330
+    ns apart: 85 % of the source's time in that copy, 7.1-7.5 Mpps against DPDK's 10.2-10.8)."""
+    i = 0
+    while off >= d_len[i]:
+        off -= d_len[i]
+        i += 1
+    if off + np.uint64(4) <= d_len[i]:
+        store_u32(d_hva[i] + off, np.uint32(seq & np.uint64(0xFFFFFFFF)))
+        return
+    for b in range(4):  # across pieces (tiny RX buffers, mergeable)
+        while off >= d_len[i]:
+            off -= d_len[i]
+            i += 1
+        store_u8(d_hva[i] + off, np.uint8((seq >> np.uint64(8 * b)) & np.uint64(0xFF)))
+        off += np.uint64(1)
+
+
+@inline_kernel
 def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, sc, cap, busy):
     """Generate up to ``burst`` frames (``frame`` with a running sequence number) into RX vring ``dst``."""
     a = begin_batch(qs, counters, regions, dst, burst, BUF_WRITE, busy)
@@ -617,18 +643,21 @@ def _source_batch(qs, counters, regions, dst, burst, one, frame, s_hva, s_len, s
     s_hva[0] = np.uint64(frame.ctypes.data)
     s_len[0] = np.uint64(frame.shape[0])
     flen = np.uint64(frame.shape[0])
+    numbered = flen >= np.uint64(SEQ_AT + 4)
+    at = np.uint64(qs[dst]["hdr_len"]) + np.uint64(SEQ_AT)  # where the frame's number lands in the RX chain
     sent = 0
     for _ in range(burst):
-        if frame.shape[0] >= 46:  # sequence number after the Ethernet + IPv4 + UDP headers
-            seq = counters[dst, C_PACKETS]
-            for b in range(4):
-                frame[42 + b] = (seq >> (8 * b)) & 0xFF
+        seq = counters[dst, C_PACKETS]
         r = _deliver(qs, regions, dst, s_hva, s_len, 1, 0, flen, sc, np.uint64(0), np.uint16(0))
         if r > 0:
+            if numbered:
+                _number(sc[0], sc[1], at, seq)
             counters[dst, C_PACKETS] += 1
             counters[dst, C_BYTES] += flen
             sent += 1
             if cap[0][K_PORTS] != 0:
+                if numbered:
+                    _number(s_hva, s_len, np.uint64(SEQ_AT), seq)  # the template as delivered, for the capture
                 capture(cap[0], cap[1], cap[2], dst, DIR_TO_GUEST, s_hva, s_len, 1, 0, flen)
         elif r == 0 or r == NO_ROOM:
             break  # no room: the driver hasn't posted buffers yet (not a drop: nothing was sent)
