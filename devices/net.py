@@ -618,7 +618,7 @@ def _number(d_hva, d_len, off, seq):
     the template before the copy: a copy that loads bytes stored just before cannot take them
     from the store buffer and waits until every older store is in the cache, here the previous
     frames' stores to lines the driver's core last read (rx burst 64 on the EPYC VM, cores ~330
-    ns apart: 85 % of the source's time in that copy, 7.1-7.5 Mpps against DPDK's 10.2-10.8)."""
+    ns apart: 82-85 % of the source's time in that copy, 7.1-7.5 Mpps against DPDK's 10.2-10.8)."""
     i = 0
     while off >= d_len[i]:
         off -= d_len[i]

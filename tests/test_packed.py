@@ -470,6 +470,17 @@ def test_batch_longer_than_the_shadow():
     flags = [read_desc(MAIN_HVA, i)[3] for i in range(size)]
     assert flags == [AV | US | W] * (SHADOW + 10) + [A1] * 10
 
+def make_available(size, la, aw, navail):
+    """A main ring of ``size`` descriptors, ``navail`` of them available from ``la`` on for the
+    driver wrap counter ``aw`` (flipped past the ring's end), the rest not."""
+    reset_memory()
+    main = [(R0.gpa, 1, 0, 0)] * size
+    for i in range(navail):
+        p = (la + i) % size
+        main[p] = (R0.gpa, 1, 0, avail_bits(aw if p >= la else aw ^ 1))
+    gwrite(MAIN_GPA, ppack(main))
+
+
 @pytest.mark.parametrize(
     ("size", "la", "aw", "navail", "expected"),
     [(100, 0, 1, 100, P.SCAN), (100, 90, 1, 100, P.SCAN), (100, 90, 0, 12, 12), (64, 10, 1, 64, 64),
@@ -478,12 +489,7 @@ def test_batch_longer_than_the_shadow():
 def test_begin_counts_available_descriptors(size, la, aw, navail, expected):
     """begin's prefetch hint: descriptors available from the next one on, across the ring's end
     (the wrap counter flips there), never more than SCAN or one lap."""
-    reset_memory()
-    main = [(R0.gpa, 1, 0, 0)] * size
-    for i in range(navail):
-        p = (la + i) % size
-        main[p] = (R0.gpa, 1, 0, avail_bits(aw if p >= la else aw ^ 1))
-    gwrite(MAIN_GPA, ppack(main))
+    make_available(size, la, aw, navail)
     qs = packed_qs(size, la=la, aw=aw, ui=(la + 1) % size, uw=aw)
     qs[0]["t_idx"], qs[0]["u_count"] = 7, 3  # left over from a batch: begin starts afresh
     assert P.begin(qs, 0) == expected
@@ -499,12 +505,7 @@ def test_begin_counts_available_descriptors(size, la, aw, navail, expected):
 def test_avail_ahead_looks_at_the_kth_descriptor(size, la, aw, navail):
     """net's refill check (ring.avail_ahead on a packed ring): the k-th descriptor from the next
     one is available exactly when k are, across the ring's end (the wrap counter flips there)."""
-    reset_memory()
-    main = [(R0.gpa, 1, 0, 0)] * size
-    for i in range(navail):
-        p = (la + i) % size
-        main[p] = (R0.gpa, 1, 0, avail_bits(aw if p >= la else aw ^ 1))
-    gwrite(MAIN_GPA, ppack(main))
+    make_available(size, la, aw, navail)
     qs = packed_qs(size, la=la, aw=aw, ui=la, uw=aw)
     ks = range(1, size + 1)
     assert [bool(ring_avail_ahead(qs, 0, k)) for k in ks] == [k <= navail for k in ks]
