@@ -345,7 +345,7 @@ def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, c
     decisions as net_loop settles them (``rows``: TX, RX); frames forwarded.
 
     ``scratch`` is what net_loop works in (``loop_scratch``)."""
-    one, _buf, _pollfds, s_hva, s_len, sc, ob = scratch
+    one, _buf, _pollfds, s_hva, s_len, sc, ob, _held = scratch
     out = 0
     for _ in range(rounds):
         _tx_post(qs, drv, batch, tx_len)

@@ -339,7 +339,7 @@ def switch_loop(ctrl, qs, counters, regions, rx_rows, tx_rows, rows, watch, burs
     """The switch data plane: every TX queue of every port, round after round, until told to stop.
     ``rows``: every ring of every port, whose call decisions each round settles at its start
     (ring.finish_later), as net_loop does."""
-    one, buf, pollfds, s_hva, s_len, sc, ob, began, touched = scratch
+    one, buf, pollfds, s_hva, s_len, sc, ob, _held, began, touched = scratch
     idle = 0
     now = cycles()
     sleeps = ctrl[SLEEPS]

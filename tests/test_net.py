@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from peers import wait_until
 
+from devices.net import HELD, SEQ_AT
 from devices.net import test_frame as source_template
 from vring import protocol as P
 from vring.frontend import NET_HDR, Frontend
@@ -252,25 +253,31 @@ def test_receiver_that_ran_dry_gets_frames_again_once_it_posts_a_batch(vring_pro
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_source_numbers_its_frames(vring_proc, sockdir, packed):
     """--mode source: every frame is the template carrying a running number (4 bytes little-endian
-    after the IPv4 and UDP headers), also when the number falls across two RX buffers."""
-    v, (a,) = start(vring_proc, sockdir, "--mode", "source", "--frame-size", "64")
+    after the IPv4 and UDP headers), in the order the buffers were posted, also when the number
+    falls across two RX buffers, and when such a frame comes between frames that each fit one
+    buffer (those the source holds back and copies together, HELD at most: burst 128 here)."""
+    v, (a,) = start(vring_proc, sockdir, "--mode", "source", "--frame-size", "64", "--burst", "128")
     fe = Frontend(a, packed=packed)
     fe.connect()
     fe.setup()
     assert fe.features & F.NET_MRG_RXBUF
     r = fe.rx()
-    for _ in range(8):
-        r.add_buffer(writable=True, length=56)  # header + 44 bytes: the number's last 2 in the next
+    for _ in range(2):
+        for _ in range(HELD + 6):
+            r.add_buffer(writable=True)
+        for _ in range(2):
+            r.add_buffer(writable=True, length=56)  # header + 44 bytes: the number's last 2 in the next
     r.publish()
     got: list[bytes] = []
     deadline = time.monotonic() + 10
-    while len(got) < 100 and time.monotonic() < deadline:
+    while len(got) < 300 and time.monotonic() < deadline:
         got += fe.recv_frames()  # (reposted at full size: later frames are in one buffer each)
     fe.close()
     assert v.stop() == 0
     tpl = source_template(64).tobytes()
-    assert len(got) >= 100 and all(len(f) == 64 and f[:42] == tpl[:42] and f[46:] == tpl[46:] for f in got)
-    assert [int.from_bytes(f[42:46], "little") for f in got] == list(range(len(got)))
+    assert len(got) >= 300 and all(len(f) == 64 and f[:SEQ_AT] == tpl[:SEQ_AT] and f[SEQ_AT + 4:] == tpl[SEQ_AT + 4:]
+                                   for f in got)
+    assert [int.from_bytes(f[SEQ_AT:SEQ_AT + 4], "little") for f in got] == list(range(len(got)))
 
 
 def test_frame_needing_more_buffers_than_posted_waits_for_them(vring_proc, sockdir):
