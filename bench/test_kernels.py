@@ -345,13 +345,13 @@ def forward_rounds(qs, drv, counters, regions, rounds, batch, tx_len, scratch, c
     decisions as net_loop settles them (``rows``: TX, RX); frames forwarded.
 
     ``scratch`` is what net_loop works in (``loop_scratch``)."""
-    one, _buf, _pollfds, s_hva, s_len, sc, ob, _held = scratch
+    one, _buf, _pollfds, s_hva, s_len, sc, ob, held = scratch
     out = 0
     for _ in range(rounds):
         _tx_post(qs, drv, batch, tx_len)
         _rx_post(qs, drv)
         done = _forward_batch(qs, counters, regions, TX, RX, MODE_FORWARD, batch, 0, one, s_hva, s_len, sc, ob, cap,
-                              busy)  # hold 0: the driver posts RX buffers for every frame anyway
+                              busy, held)  # hold 0: the driver posts RX buffers for every frame anyway
         flush_calls(qs, rows, counters, one)
         busy_ends(busy)
         if done != batch:

@@ -85,8 +85,10 @@ MODES = ("xconnect", "loopback", "sink", "source")
 # how long frames wait in a TX ring for the receiver's buffers before they are dropped (_room)
 HOLD_US = 1000.0
 SEQ_AT = 42  # where a source frame carries its number: after the Ethernet, IPv4 and UDP headers
-HELD = 64  # frames the source pops before it copies them (_fill_held)
-H_AT, H_ID, H_NDESC, H_SEQ = range(4)  # rows of the source's held frames: frame address, buffer id, descriptors, number
+HELD = 64  # frames a batch takes before it copies them (_fill_held, _fill_forwarded)
+# rows of the held frames' array (loop_scratch): the source's (_source_batch), the forward path's (_forward_batch)
+H_AT, H_ID, H_NDESC, H_SEQ = range(4)  # frame address in the RX buffer, buffer id, descriptors, number
+F_TO, F_FROM, F_LEN, F_TX_ID, F_RX_ID = range(5)  # RX frame address, TX frame address, length, buffer ids
 REFILL = 16  # buffers an RX ring that ran dry should have again before frames go on (_room)
 MAX_MRG = 64  # RX chains one frame may be merged over
 HDR_LEN_V1 = 12  # virtio_net_hdr with num_buffers (VERSION_1 or MRG_RXBUF)
@@ -508,7 +510,8 @@ def _peek_plain(qs, regions, src, hl, need):
 def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
     """Deliver a frame ``_peek_plain`` found (at ``s``, after ``hl`` header bytes) into the
     one-descriptor RX buffer ``d`` that ``ring.peek_one`` found on ``dst``: a header asking for no
-    offload, the frame copied once, both descriptors taken and used, the frame counted on both."""
+    offload, the frame copied once, both descriptors taken and used, the frame counted on both.
+    The switch's per-frame path (its frames may go to different rings); net's holds the copy."""
     _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
     copy_bytes(d + hd, s + hl, flen)
     take_one(qs, dst, did)
@@ -522,10 +525,11 @@ def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
 
 
 @inline_kernel
-def _forward_one(qs, counters, regions, src, dst, hl):
-    """Forward the next frame of TX vring ``src`` to RX vring ``dst`` (split or packed, either) if
-    it is the common case: one descriptor each side, no offload asked, within the MTU, fits one RX
-    buffer.
+def _forward_one(qs, counters, regions, src, dst, hl, held, n):
+    """Take the next frame of TX vring ``src`` for RX vring ``dst`` (split or packed, either) if it
+    is the common case: one descriptor each side, no offload asked, within the MTU, fits one RX
+    buffer. Its header is written and both descriptors taken; its copy and used elements wait in
+    column ``n`` of ``held`` for ``_fill_forwarded``.
     Returns 1 if it did, 0 (nothing changed) for ``_send``'s general path to decide."""
     s, flen, sid = _peek_plain(qs, regions, src, hl, hl)
     if s == 0:
@@ -534,14 +538,40 @@ def _forward_one(qs, counters, regions, src, dst, hl):
     d, _, did = peek_one(qs, dst, regions, 1, hd + flen)
     if d == 0:
         return 0
-    _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen)
+    _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
+    take_one(qs, dst, did)
+    take_one(qs, src, sid)
+    held[F_TO, n] = d + hd
+    held[F_FROM, n] = s + hl
+    held[F_LEN, n] = flen
+    held[F_TX_ID, n] = sid
+    held[F_RX_ID, n] = did
+    counters[src, C_PACKETS] += 1
+    counters[src, C_BYTES] += flen
+    counters[dst, C_PACKETS] += 1
+    counters[dst, C_BYTES] += flen
     return 1
 
 
 @inline_kernel
-def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hva, s_len, sc, ob, cap, busy):
+def _fill_forwarded(qs, src, dst, held, n):
+    """Copy the ``n`` frames ``_forward_one`` held, in one loop (as ``_fill_held``), then give both
+    rings their used elements in the order the frames were taken; the TX buffers only now, as
+    their frames have been read."""
+    for k in range(n):
+        copy_bytes(held[F_TO, k], held[F_FROM, k], held[F_LEN, k])
+    hd = np.uint64(qs[dst]["hdr_len"])
+    for k in range(n):
+        put_used(qs, dst, np.int64(held[F_RX_ID, k]), hd + held[F_LEN, k], 1)
+        put_used(qs, src, np.int64(held[F_TX_ID, k]), np.uint64(0), 1)
+
+
+@inline_kernel
+def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hva, s_len, sc, ob, cap, busy, held):
     """Pop up to ``burst`` frames from TX vring ``src`` and forward, sink or drop them (``hold``:
-    see ``_room``). A frame of the common kind takes ``_forward_one``."""
+    see ``_room``). A frame of the common kind takes ``_forward_one``: up to HELD of them are copied
+    together (``_fill_forwarded``), before any frame the general path takes, so used elements stay
+    in order."""
     capturing = cap[0][K_PORTS] != 0
     opened = busy[BUSY_OPEN] == 0
     if mode == MODE_FORWARD and hold > 0 and qs[dst]["held_since"] != 0 and _ready(qs, src) and _ready(qs, dst):
@@ -577,11 +607,18 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
     hl = np.uint64(qs[src]["hdr_len"])
     # the common case's own path: nothing to capture or log, full headers
     simple = dst_ok and not capturing and qs[dst]["log_base"] == 0 and hl >= 10 and qs[dst]["hdr_len"] >= 10
+    n = 0  # frames held by _forward_one
     for _ in range(limit):
-        if simple and dst_ok and _forward_one(qs, counters, regions, src, dst, hl):
+        if simple and dst_ok and _forward_one(qs, counters, regions, src, dst, hl, held, n):
+            n += 1
             sent += 1
             done += 1
+            if n == HELD:
+                _fill_forwarded(qs, src, dst, held, n)
+                n = 0
             continue
+        _fill_forwarded(qs, src, dst, held, n)
+        n = 0
         c = cursor(qs, src)
         ns, total, bid, ndesc = pop(qs, src, regions, 0, s_hva, s_len, 0)
         if ns == EMPTY:
@@ -622,6 +659,7 @@ def _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hv
                 dst_ok = False
         put_used(qs, src, bid, 0, ndesc)
         done += 1
+    _fill_forwarded(qs, src, dst, held, n)
     if sent > 0 and hold > 0:
         qs[dst]["held_since"] = 0  # a frame got through: any wait for dst's buffers is over
     finish_later(qs, src, counters)
@@ -663,10 +701,9 @@ def _fill_held(qs, dst, held, n, frame, numbered, used):
     NDESC, SEQ), number them, then put their used elements, in the order they were popped.
 
     One tight loop of copies, as DPDK's batched copy (do_data_copy_enqueue): the stores to lines
-    the driver's core last read wait in the store buffer together, so their misses overlap. One
-    frame at a time, between pops and headers, the copies' misses came one after another (split
-    rx at bursts 32-64 with cores ~330 ns apart: 7.4-8.4 Mpps against DPDK's 10.6-11.0; 11.0-11.2
-    so)."""
+    the driver's core last read wait in the store buffer together, so their misses can overlap.
+    One frame at a time, between pops and headers, they came one after another (rx at bursts
+    32-64 with cores ~330 ns apart: 7.3-9.4 Mpps, DPDK 9.6-10.6; 10.7-12.9 so)."""
     src = np.uint64(frame.ctypes.data)
     flen = np.uint64(frame.shape[0])
     for k in range(n):
@@ -740,7 +777,7 @@ def loop_scratch(nwatch: int, ostats: np.ndarray) -> tuple:
     the source's held frames (``_source_batch``)."""
     return (np.ones(1, np.uint64), np.zeros(1, np.uint64), np.zeros((nwatch + 1, 2), np.int32),
             np.zeros(MAX_SEGS, np.uint64), np.zeros(MAX_SEGS, np.uint64), new_scratch(), new_offload_scratch(ostats),
-            np.zeros((4, HELD), np.uint64))
+            np.zeros((5, HELD), np.uint64))
 
 
 @kernel
@@ -768,7 +805,7 @@ def net_loop(ctrl, qs, counters, regions, links, rows, watch, frame, burst, hold
                                      held)
             else:
                 done = _forward_batch(qs, counters, regions, src, dst, mode, burst, hold, one, s_hva, s_len, sc, ob,
-                                      cap, busy)
+                                      cap, busy, held)
             work += account_poll(polls, busy, burst, done)
         idle = end_round(ctrl, qs, watch, pollfds, buf, work, idle)  # sleeps only after a round with no work
     flush_calls(qs, rows, counters, one)  # nothing left undecided while the control plane has the rings
