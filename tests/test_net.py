@@ -78,12 +78,11 @@ def test_loopback_frames_intact_and_in_order(vring_proc, sockdir):
     assert c["tx_packets"] == 5000 and c["rx_packets"] == 5000 and c["errors"] == 0
 
 
-def test_loopback_holds_common_frames_and_keeps_order(vring_proc, sockdir):
-    """At burst 128 the forward path holds the common frames (one buffer each side) and copies them
-    together, HELD at most; a frame that needs two small RX buffers (the general path) comes
-    between them. Every frame arrives intact, in the order sent."""
-    v, (a,) = start(vring_proc, sockdir, "--burst", "128")
-    fe = Frontend(a)
+def connect_mixed_rx(path: str, packed: bool) -> Frontend:
+    """A front-end whose RX ring has HELD + 6 full buffers, 2 of 56 bytes (header + 44: a 64-byte
+    frame takes both), and again: at burst 128 one batch holds HELD frames, copies them, holds 6
+    more, then meets a frame for the general path. They take MIXED_RX_FRAMES frames."""
+    fe = Frontend(path, packed=packed)
     fe.connect()
     fe.setup()
     assert fe.features & F.NET_MRG_RXBUF
@@ -92,9 +91,22 @@ def test_loopback_holds_common_frames_and_keeps_order(vring_proc, sockdir):
         for _ in range(HELD + 6):
             r.add_buffer(writable=True)
         for _ in range(2):
-            r.add_buffer(writable=True, length=56)  # header + 44 bytes: a 64-byte frame takes two
+            r.add_buffer(writable=True, length=56)
     r.publish()
-    n = 2 * (HELD + 7)  # what those buffers take: nothing waits past the hold
+    return fe
+
+
+MIXED_RX_FRAMES = 2 * (HELD + 7)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_loopback_holds_common_frames_and_keeps_order(vring_proc, sockdir, packed):
+    """At burst 128 the forward path holds the common frames (one buffer each side) and copies them
+    together, HELD at most; a frame that needs two small RX buffers (the general path) comes
+    between them. Every frame arrives intact, in the order sent."""
+    v, (a,) = start(vring_proc, sockdir, "--burst", "128")
+    fe = connect_mixed_rx(a, packed)
+    n = MIXED_RX_FRAMES  # what those buffers take: nothing waits past the hold
     assert fe.send_frames([frame(s) for s in range(n)]) == n
     got: list[int] = []
     deadline = time.monotonic() + 10
@@ -288,17 +300,7 @@ def test_source_numbers_its_frames(vring_proc, sockdir, packed):
     falls across two RX buffers, and when such a frame comes between frames that each fit one
     buffer (those the source holds back and copies together, HELD at most: burst 128 here)."""
     v, (a,) = start(vring_proc, sockdir, "--mode", "source", "--frame-size", "64", "--burst", "128")
-    fe = Frontend(a, packed=packed)
-    fe.connect()
-    fe.setup()
-    assert fe.features & F.NET_MRG_RXBUF
-    r = fe.rx()
-    for _ in range(2):
-        for _ in range(HELD + 6):
-            r.add_buffer(writable=True)
-        for _ in range(2):
-            r.add_buffer(writable=True, length=56)  # header + 44 bytes: the number's last 2 in the next
-    r.publish()
+    fe = connect_mixed_rx(a, packed)  # the number's last 2 bytes in the second of two small buffers
     got: list[bytes] = []
     deadline = time.monotonic() + 10
     while len(got) < 300 and time.monotonic() < deadline:

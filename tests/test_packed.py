@@ -470,6 +470,7 @@ def test_batch_longer_than_the_shadow():
     flags = [read_desc(MAIN_HVA, i)[3] for i in range(size)]
     assert flags == [AV | US | W] * (SHADOW + 10) + [A1] * 10
 
+
 def make_available(size, la, aw, navail):
     """A main ring of ``size`` descriptors, ``navail`` of them available from ``la`` on for the
     driver wrap counter ``aw`` (flipped past the ring's end), the rest not."""
