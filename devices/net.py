@@ -558,6 +558,8 @@ def _fill_forwarded(qs, src, dst, held, n):
     """Copy the ``n`` frames ``_forward_one`` held, in one loop (as ``_fill_held``), then give both
     rings their used elements in the order the frames were taken; the TX buffers only now, as
     their frames have been read."""
+    if n == 0:
+        return  # (and dst may be no ring: sink mode)
     for k in range(n):
         copy_bytes(held[F_TO, k], held[F_FROM, k], held[F_LEN, k])
     hd = np.uint64(qs[dst]["hdr_len"])
@@ -774,7 +776,7 @@ def loop_scratch(nwatch: int, ostats: np.ndarray) -> tuple:
     """The arrays ``net_loop`` works in, made here so the loop itself is a kernel (no reference
     counting, so the batch steps inline into it): the eventfd value 1, a read buffer, pollfds for
     ``nwatch`` kick fds and the wake-up fd, TX pieces, ``new_scratch``, ``new_offload_scratch`` and
-    the source's held frames (``_source_batch``)."""
+    the held frames of one batch (``_source_batch``, ``_forward_batch``)."""
     return (np.ones(1, np.uint64), np.zeros(1, np.uint64), np.zeros((nwatch + 1, 2), np.int32),
             np.zeros(MAX_SEGS, np.uint64), np.zeros(MAX_SEGS, np.uint64), new_scratch(), new_offload_scratch(ostats),
             np.zeros((5, HELD), np.uint64))
