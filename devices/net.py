@@ -507,17 +507,14 @@ def _peek_plain(qs, regions, src, hl, need):
 
 
 @inline_kernel
-def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
-    """Deliver a frame ``_peek_plain`` found (at ``s``, after ``hl`` header bytes) into the
+def _take_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
+    """Take a frame ``_peek_plain`` found (at ``s``, after ``hl`` header bytes) for the
     one-descriptor RX buffer ``d`` that ``ring.peek_one`` found on ``dst``: a header asking for no
-    offload, the frame copied once, both descriptors taken and used, the frame counted on both.
-    The switch's per-frame path (its frames may go to different rings); net's holds the copy."""
+    offload written, both descriptors taken, the frame counted on both. The copy and the used
+    elements are the caller's."""
     _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
-    copy_bytes(d + hd, s + hl, flen)
     take_one(qs, dst, did)
-    put_used(qs, dst, did, hd + flen, 1)
     take_one(qs, src, sid)
-    put_used(qs, src, sid, 0, 1)
     counters[src, C_PACKETS] += 1
     counters[src, C_BYTES] += flen
     counters[dst, C_PACKETS] += 1
@@ -525,11 +522,21 @@ def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
 
 
 @inline_kernel
+def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
+    """``_take_plain``, then the frame copied once and both descriptors used: the switch's
+    per-frame path (its frames may go to different rings); net's holds the copy (``_forward_one``)."""
+    _take_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen)
+    copy_bytes(d + hd, s + hl, flen)
+    put_used(qs, dst, did, hd + flen, 1)
+    put_used(qs, src, sid, 0, 1)
+
+
+@inline_kernel
 def _forward_one(qs, counters, regions, src, dst, hl, held, n):
     """Take the next frame of TX vring ``src`` for RX vring ``dst`` (split or packed, either) if it
     is the common case: one descriptor each side, no offload asked, within the MTU, fits one RX
-    buffer. Its header is written and both descriptors taken; its copy and used elements wait in
-    column ``n`` of ``held`` for ``_fill_forwarded``.
+    buffer (``_take_plain``); its copy and used elements wait in column ``n`` of ``held`` for
+    ``_fill_forwarded``.
     Returns 1 if it did, 0 (nothing changed) for ``_send``'s general path to decide."""
     s, flen, sid = _peek_plain(qs, regions, src, hl, hl)
     if s == 0:
@@ -538,18 +545,12 @@ def _forward_one(qs, counters, regions, src, dst, hl, held, n):
     d, _, did = peek_one(qs, dst, regions, 1, hd + flen)
     if d == 0:
         return 0
-    _put_header(d, np.uint64(0), np.uint16(0), 1, hd)  # no offload, num_buffers 1
-    take_one(qs, dst, did)
-    take_one(qs, src, sid)
+    _take_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen)
     held[F_TO, n] = d + hd
     held[F_FROM, n] = s + hl
     held[F_LEN, n] = flen
     held[F_TX_ID, n] = sid
     held[F_RX_ID, n] = did
-    counters[src, C_PACKETS] += 1
-    counters[src, C_BYTES] += flen
-    counters[dst, C_PACKETS] += 1
-    counters[dst, C_BYTES] += flen
     return 1
 
 
