@@ -507,8 +507,8 @@ def _peek_plain(qs, regions, src, hl, need):
 
 
 @inline_kernel
-def _take_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
-    """Take a frame ``_peek_plain`` found (at ``s``, after ``hl`` header bytes) for the
+def _take_plain(qs, counters, src, sid, dst, did, d, hd, flen):
+    """Take the frame ``_peek_plain`` found (buffer id ``sid``, ``flen`` bytes) for the
     one-descriptor RX buffer ``d`` that ``ring.peek_one`` found on ``dst``: a header asking for no
     offload written, both descriptors taken, the frame counted on both. The copy and the used
     elements are the caller's."""
@@ -525,7 +525,7 @@ def _take_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
 def _commit_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen):
     """``_take_plain``, then the frame copied once and both descriptors used: the switch's
     per-frame path (its frames may go to different rings); net's holds the copy (``_forward_one``)."""
-    _take_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen)
+    _take_plain(qs, counters, src, sid, dst, did, d, hd, flen)
     copy_bytes(d + hd, s + hl, flen)
     put_used(qs, dst, did, hd + flen, 1)
     put_used(qs, src, sid, 0, 1)
@@ -545,7 +545,7 @@ def _forward_one(qs, counters, regions, src, dst, hl, held, n):
     d, _, did = peek_one(qs, dst, regions, 1, hd + flen)
     if d == 0:
         return 0
-    _take_plain(qs, counters, src, sid, s, hl, dst, did, d, hd, flen)
+    _take_plain(qs, counters, src, sid, dst, did, d, hd, flen)
     held[F_TO, n] = d + hd
     held[F_FROM, n] = s + hl
     held[F_LEN, n] = flen
